@@ -1,0 +1,77 @@
+"""Standard CamVid protocol: 11 classes, void ignored, official train/val/test splits.
+
+Train on train/, select (plateau, early stopping, best checkpoint) on val/, report on test/ at the
+native 360x480 resolution. Every field is overridable from the command line, e.g.
+`--config.batch_size=8 --config.data.manual_dir=/data/CamVid`.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init, shuffling and augmentation.
+  config.batch_size = 8  # Global training batch, split over all devices.
+  config.eval_batch_size = 8  # Global evaluation batch (last batch padded, never dropped).
+  config.num_epochs = 120  # Upper bound; early stopping usually ends sooner.
+  config.parallelism = 'jit'  # 'jit' (jit over a device Mesh) or 'pmap'.
+  config.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  config.init_from = ''  # Checkpoint or pretrained/<name> folder to initialise weights from.
+  config.log_every_steps = 10  # Progress line and train scalars every this many steps.
+  config.checkpoint_every_steps = 0  # Extra checkpoints inside an epoch (0: end of epoch only).
+
+  # Data.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'camvid'  # 'camvid' (a folder or the public archive) or 'synthetic'.
+  config.data.manual_dir = ''  # Local CamVid folder (SegNet or prepped layout); '' downloads.
+  config.data.cache_dir = '~/.cache/sepres_jax'  # Built datasets go here, never into manual_dir.
+  config.data.split = 'official'  # 'official' (train/val/test) or 'random85' (85:15 of train).
+  config.data.split_seed = 42  # Seed of the 'random85' split.
+  config.data.image_size = (288, 384)  # Training size (H, W), divisible by 32; keeps 3:4 aspect.
+  config.data.eval_resize = False  # Evaluate at native size (padded to /32) instead of image_size.
+  config.data.lab = False  # Append CIELAB channels (6 input channels), as the original post did.
+  config.data.random_flip = False  # Random horizontal flips of training examples (augmentation).
+  config.data.num_classes = 11  # Real classes; the void label is num_classes.
+  config.data.ignore_void = True  # Ignore void in loss and metrics; False predicts it as a class.
+  config.data.class_weights = ''  # '', 'median_frequency', or comma-separated floats.
+  config.data.num_workers = 0  # grain worker processes (0: threads in the main process).
+  config.data.num_threads = 2  # grain reader threads.
+  config.data.prefetch = 4  # Batches prefetched ahead of the train step.
+  # Synthetic scenes (data.name='synthetic').
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.num_train = 96
+  config.data.synthetic.num_val = 24
+  config.data.synthetic.num_test = 24
+  config.data.synthetic.height = 120
+  config.data.synthetic.width = 160
+  config.data.synthetic.seed = 0  # Seed of the scenes; the same arguments give identical files.
+
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.widths = (16, 32, 64, 96, 128)  # Stem, then the four residual blocks' outputs.
+  config.model.head_width = 2048  # conv6/conv7 channels of the FCN-8 head.
+  config.model.bn_momentum = 0.99  # Keras' BatchNormalization default.
+  config.model.bn_epsilon = 1e-3
+  config.model.impl = 'auto'  # Layer kernels: 'auto' (per backend), 'xla' or 'fast_cpu'.
+
+  # Optimiser: RMSprop (Keras defaults) with plateau decay once per epoch.
+  config.learning_rate = 1e-3
+  config.rmsprop_decay = 0.9
+  config.rmsprop_eps = 1e-7
+  config.weight_decay = 0.0
+  config.plateau = ml_collections.ConfigDict()
+  config.plateau.monitor = 'val_miou'  # Any key of history.json, e.g. val_loss, val_accuracy.
+  config.plateau.factor = 0.1
+  config.plateau.patience = 5
+  config.plateau.cooldown = 0
+  config.plateau.min_scale = 1e-4
+  config.early_stopping = ml_collections.ConfigDict()
+  config.early_stopping.monitor = 'val_miou'
+  config.early_stopping.patience = 15  # Epochs without improvement; 0 disables.
+  config.best_metric = 'val_miou'  # The 'best' checkpoint maximises (or minimises *_loss) this.
+
+  # Evaluation.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = 'test'
+  config.eval.checkpoint = 'best'  # 'best' or 'latest'.
+  return config

@@ -1,0 +1,31 @@
+"""sepres-jax command line: python main.py --config=configs/default.py --workdir=DIR --mode=train."""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_MODES = ('train', 'evaluate')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, history and pictures.')
+flags.DEFINE_enum('mode', 'train', _MODES, 'What to do.')
+flags.DEFINE_bool('verbose', False, 'Show full tracebacks of errors.')
+config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  from sepres_jax import cli  # pylint: disable=g-import-not-at-top
+  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  return cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, verbose=FLAGS.verbose)
+
+
+if __name__ == '__main__':
+  sys.exit(app.run(main))

@@ -1,0 +1,30 @@
+"""Dispatch of main.py's modes, and the rule that user errors are one line, not a traceback."""
+
+import sys
+
+from absl import logging
+
+from sepres_jax import train
+from sepres_jax.data import DataError
+
+USER_ERRORS = (train.RunError, DataError, FileNotFoundError, NotADirectoryError)
+
+
+def run(mode: str, config, workdir: str, verbose: bool = False) -> int:
+  """Runs one mode; returns the exit status."""
+  try:
+    if mode == 'train':
+      train.train_and_evaluate(config, workdir)
+    elif mode == 'evaluate':
+      from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+      evaluate.evaluate(config, workdir)
+    else:
+      raise train.RunError(f'unknown mode {mode!r}')
+  except USER_ERRORS as e:
+    if verbose:
+      raise
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'error: {msg}', file=sys.stderr)
+    logging.flush()
+    return 1
+  return 0

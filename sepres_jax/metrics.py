@@ -1,0 +1,83 @@
+"""Loss and segmentation metrics: pure functions of arrays.
+
+Label convention: 0..num_classes-1 are classes; anything else (the void label when it is ignored,
+-1 for padding) does not count. With void counted as a class, the model has num_classes + 1 outputs
+and void is simply the last class. Metrics come from one confusion matrix summed over a whole split,
+never from per-batch averages.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def valid_mask(labels, num_classes: int):
+  """True where a pixel counts: 0 <= label < num_classes."""
+  return (labels >= 0) & (labels < num_classes)
+
+
+def cross_entropy(logits, labels, class_weights=None, label_smoothing: float = 0.0):
+  """Pixel softmax cross-entropy summed over counted pixels, and the (weighted) pixel count.
+
+  Returns (loss_sum, weight_sum); the mean loss of a batch or split is loss_sum / weight_sum.
+  """
+  num_classes = logits.shape[-1]
+  mask = valid_mask(labels, num_classes)
+  safe = jnp.where(mask, labels, 0)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  weights = mask.astype(jnp.float32)
+  if class_weights is not None:
+    weights = weights * jnp.asarray(class_weights, jnp.float32)[safe]
+  return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def confusion_matrix(preds, labels, num_classes: int):
+  """[num_classes, num_classes] counts, rows = true class, columns = predicted; uncounted pixels skipped."""
+  mask = valid_mask(labels, num_classes)
+  index = jnp.where(mask, labels * num_classes + preds, num_classes * num_classes)
+  counts = jnp.bincount(index.reshape(-1), length=num_classes * num_classes + 1)
+  return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
+
+
+def scores_from_confusion(cm, class_names: Optional[Sequence[str]] = None) -> dict:
+  """IoU per class (TP / (TP + FP + FN)), mean IoU, pixel accuracy and mean class accuracy.
+
+  Classes absent from both labels and predictions have IoU NaN and are left out of the means.
+  """
+  cm = np.asarray(cm, dtype=np.int64)
+  k = cm.shape[0]
+  names = list(class_names or [str(i) for i in range(k)])[:k]
+  tp = np.diag(cm)
+  fp = cm.sum(axis=0) - tp
+  fn = cm.sum(axis=1) - tp
+  with np.errstate(invalid='ignore', divide='ignore'):
+    iou = tp / (tp + fp + fn)
+    class_acc = tp / (tp + fn)
+  total = cm.sum()
+  return {
+      'miou': float(np.nanmean(iou)) if np.isfinite(iou).any() else float('nan'),
+      'pixel_accuracy': float(tp.sum() / total) if total else float('nan'),
+      'mean_class_accuracy': (
+          float(np.nanmean(class_acc)) if np.isfinite(class_acc).any() else float('nan')),
+      'per_class': [
+          {'name': names[i], 'tp': int(tp[i]), 'fp': int(fp[i]), 'fn': int(fn[i]),
+           'iou': float(iou[i]), 'accuracy': float(class_acc[i])}
+          for i in range(k)],
+  }
+
+
+def format_table(scores: dict) -> str:
+  """The per-class table printed by --mode=evaluate."""
+  lines = [f"{'class':<14}{'TP':>12}{'FP':>12}{'FN':>12}{'IoU':>8}{'acc':>8}"]
+  for row in scores['per_class']:
+    lines.append(f"{row['name']:<14}{row['tp']:>12}{row['fp']:>12}{row['fn']:>12}"
+                 f"{100 * row['iou']:>8.2f}{100 * row['accuracy']:>8.2f}")
+  lines.append(f"mean IoU {100 * scores['miou']:.2f}  pixel accuracy "
+               f"{100 * scores['pixel_accuracy']:.2f}  mean class accuracy "
+               f"{100 * scores['mean_class_accuracy']:.2f}")
+  return '\n'.join(lines)

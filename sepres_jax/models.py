@@ -1,0 +1,135 @@
+"""The depthwise-separable residual FCN-8 network, in Flax linen.
+
+Encoder: a 3x3 conv stem and four residual blocks, each followed by 2x2 max-pooling; pool3, pool4
+and pool5 are the outputs of the 2nd, 3rd and 4th blocks' pools. Head: FCN-8 (conv6 7x7 and conv7
+1x1 on pool5, 1x1 score convs on pool4 and pool3, transposed convs x4, x2, x8). The network returns
+logits at the input's size; softmax lives in the loss. Inputs must have a height and width divisible
+by 32: callers pad other sizes and crop back.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sepres_jax import ops
+
+_kernel_init = nn.initializers.glorot_uniform()  # Keras' default, as in the original.
+
+
+class Conv(nn.Module):
+  """KxK convolution (stride 1, SAME) with bias; its kernel form is chosen by `impl`."""
+  features: int
+  kernel_size: int
+  impl: str = 'xla'
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', _kernel_init, (k, k, x.shape[-1], self.features))
+    y = ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
+class Upsample(nn.Module):
+  """Transposed convolution with kernel == stride and no bias (the FCN-8 upsampling layers)."""
+  features: int
+  factor: int
+  impl: str = 'xla'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    s = self.factor
+    kernel = self.param('kernel', _kernel_init, (s, s, x.shape[-1], self.features))
+    return ops.upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+
+
+class SeparableConv(nn.Module):
+  """Keras' SeparableConv2D: 3x3 depthwise (no bias) then 1x1 pointwise with bias, SAME."""
+  features: int
+  impl: str = 'xla'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    depthwise = self.param('depthwise_kernel', _kernel_init, (3, 3, 1, cin))
+    pointwise = self.param('pointwise_kernel', _kernel_init, (1, 1, cin, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    x = x.astype(self.dtype)
+    y = ops.depthwise_conv3x3(x, depthwise.astype(self.dtype), self.impl)
+    return ops.pointwise_conv(y, pointwise.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class ResidualBlock(nn.Module):
+  """Three SeparableConv+BatchNorm+ELU (f_in, f_in, f_out) plus a SeparableConv+BatchNorm shortcut."""
+  features: int
+  norm: Any
+  impl: str = 'xla'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    f_in = x.shape[-1]
+    y = x
+    for i, f in enumerate((f_in, f_in, self.features)):
+      y = SeparableConv(f, self.impl, self.dtype, name=f'sep{i + 1}')(y)
+      y = nn.elu(self.norm(name=f'bn{i + 1}')(y))
+    shortcut = SeparableConv(self.features, self.impl, self.dtype, name='shortcut')(x)
+    shortcut = self.norm(name='shortcut_bn')(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class SepResFCN8(nn.Module):
+  """Separable residual encoder with an FCN-8 head; returns logits [B, H, W, num_classes]."""
+  num_classes: int
+  widths: Sequence[int] = (16, 32, 64, 96, 128)
+  head_width: int = 2048
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  impl: str = 'xla'
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None  # Set under pmap so BatchNorm sees the global batch.
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if len(self.widths) != 5:
+      raise ValueError(f'model.widths needs 5 entries (stem + 4 blocks), got {self.widths}')
+    if x.shape[1] % 32 or x.shape[2] % 32:
+      raise ValueError(f'input height and width must be divisible by 32, got {x.shape[1:3]}')
+    norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        dtype=self.dtype, axis_name=self.bn_axis_name if train else None, name=name)
+    pool = lambda y: ops.max_pool2x2(y, self.impl)
+
+    x = Conv(self.widths[0], 3, self.impl, dtype=self.dtype, name='stem')(x)
+    x = pool(nn.relu(norm('stem_bn')(x)))
+    taps = []
+    for i, f in enumerate(self.widths[1:]):
+      x = pool(ResidualBlock(f, norm, self.impl, self.dtype, name=f'block{i + 1}')(x))
+      taps.append(x)
+    pool3, pool4, pool5 = taps[1:]
+
+    c = self.num_classes
+    y = nn.relu(Conv(self.head_width, 7, self.impl, dtype=self.dtype, name='conv6')(pool5))
+    y = nn.relu(Conv(self.head_width, 1, self.impl, dtype=self.dtype, name='conv7')(y))
+    y = Upsample(c, 4, self.impl, self.dtype, name='up_conv7')(y)
+    s4 = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name='score_pool4')(pool4))
+    s4 = Upsample(c, 2, self.impl, self.dtype, name='up_pool4')(s4)
+    s3 = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name='score_pool3')(pool3))
+    y = Upsample(c, 8, self.impl, self.dtype, name='up_final')(y + s4 + s3)
+    return y.astype(jnp.float32)
+
+
+def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -> SepResFCN8:
+  """The network described by `config.model`, with `num_outputs` logits per pixel."""
+  m = config.model
+  return SepResFCN8(
+      num_classes=num_outputs, widths=tuple(m.widths), head_width=m.head_width,
+      bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=ops.resolve_impl(m.impl),
+      dtype=jnp.dtype(config.dtype), bn_axis_name=bn_axis_name)

@@ -1,0 +1,117 @@
+"""Layer kernels of the network, each in two exact forms.
+
+`xla` is the textbook form (lax convolutions, reduce_window pooling). `fast_cpu` computes the same
+function as shifted multiply-adds and matrix products, whose forward and backward passes XLA's CPU
+backend runs many times faster (see ARCHITECTURE.md, "Where the time goes"). Both forms take the same
+parameters, so checkpoints are interchangeable; tests/test_ops.py checks values and gradients agree.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ('xla', 'fast_cpu')
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'fast_cpu' on CPU, 'xla' (library kernels) on accelerators."""
+  if impl == 'auto':
+    return 'fast_cpu' if jax.default_backend() == 'cpu' else 'xla'
+  if impl not in IMPLS:
+    raise ValueError(f"model.impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+  return impl
+
+
+def depthwise_conv3x3(x, kernel, impl):
+  """3x3 depthwise convolution, stride 1, SAME padding. kernel: [3, 3, 1, C]."""
+  if impl == 'xla':
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC,
+        feature_group_count=x.shape[-1])
+  h, w = x.shape[1], x.shape[2]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  k = kernel[:, :, 0, :]
+  out = None
+  for i in range(3):
+    for j in range(3):
+      term = xp[:, i:i + h, j:j + w, :] * k[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+def pointwise_conv(x, kernel):
+  """1x1 convolution as a matrix product over the channel axis. kernel: [1, 1, Cin, Cout]."""
+  return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+
+
+def conv(x, kernel, impl):
+  """KxK convolution, stride 1, SAME padding. kernel: [K, K, Cin, Cout]."""
+  kh, kw = kernel.shape[:2]
+  if kh == kw == 1:
+    return pointwise_conv(x, kernel)
+  if impl == 'xla':
+    return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC)
+  # im2col: gather the KxK patches once, then one matrix product.
+  b, h, w, c = x.shape
+  ph, pw = (kh - 1) // 2, (kw - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+  patches = jnp.stack(
+      [xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=3)
+  return jnp.einsum('bhwpc,pcd->bhwd', patches, kernel.reshape(kh * kw, c, -1))
+
+
+def upsample_conv(x, kernel, impl):
+  """Transposed convolution whose kernel equals its stride (no overlap). kernel: [s, s, Cin, Cout].
+
+  out[b, y*s + i, x*s + j, o] = sum_c x[b, y, x, c] * kernel[i, j, c, o].
+  """
+  s = kernel.shape[0]
+  if impl == 'xla':
+    return lax.conv_transpose(
+        x, kernel[::-1, ::-1], (s, s), 'VALID', dimension_numbers=_NHWC)
+  b, h, w, _ = x.shape
+  cout = kernel.shape[-1]
+  y = jnp.einsum('bhwc,ijco->bhwijo', x, kernel)
+  return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, cout)
+
+
+def max_pool2x2(x, impl):
+  """2x2 max-pooling, stride 2 (inputs of even size)."""
+  if impl == 'xla':
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+  return _max_pool2x2_reshape(x)
+
+
+@jax.custom_vjp
+def _max_pool2x2_reshape(x):
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  y = _max_pool2x2_reshape(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, g):
+  # The gradient goes to the window's maximum (the first one on ties, as reduce_window does).
+  x, y = res
+  b, h, w, c = x.shape
+  xw = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  hit = xw == y[:, :, None, :, None, :]
+  taken = jnp.zeros_like(y, dtype=bool)
+  grads = []
+  for i in range(2):
+    row = []
+    for j in range(2):
+      h_ij = hit[:, :, i, :, j, :] & ~taken
+      taken = taken | h_ij
+      row.append(jnp.where(h_ij, g, jnp.zeros_like(g)))
+    grads.append(jnp.stack(row, axis=3))
+  dx = jnp.stack(grads, axis=2).reshape(b, h, w, c)
+  return (dx,)
+
+
+_max_pool2x2_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)
+

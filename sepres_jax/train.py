@@ -1,0 +1,449 @@
+"""Training: state, steps and the epoch loop (plateau decay, early stopping, checkpoints, logs).
+
+Data parallel over every device: under `parallelism='jit'` the state is replicated over a Mesh and
+the batch sharded on its 'data' axis, so BatchNorm normalises over the global batch; under
+`parallelism='pmap'` the same step runs per device with gradients and BatchNorm statistics reduced
+over the device axis. Both give the same numbers (tests/test_parallel.py).
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sepres_jax import checkpoints
+from sepres_jax import input_pipeline
+from sepres_jax import metrics
+from sepres_jax import models
+
+PMAP_AXIS = 'batch'
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+class RunError(RuntimeError):
+  """A run cannot go on; its message is one line meant for the user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, loss weights, optimiser and state.
+# ---------------------------------------------------------------------------------------------
+
+def num_outputs(config) -> int:
+  """Logits per pixel: the real classes, plus void when it is learned as a class."""
+  return config.data.num_classes + (0 if config.data.ignore_void else 1)
+
+
+def class_weights(config) -> Optional[np.ndarray]:
+  """Per-class loss weights from `config.data.class_weights`, or None."""
+  spec = config.data.class_weights
+  if not spec:
+    return None
+  if spec == 'median_frequency':
+    from sepres_jax.data import camvid  # pylint: disable=g-import-not-at-top
+    w = list(camvid.MEDIAN_FREQUENCY_WEIGHTS)
+  else:
+    try:
+      w = [float(v) for v in str(spec).split(',')]
+    except ValueError:
+      raise RunError(f'config.data.class_weights: not a list of numbers: {spec!r}') from None
+  w = w + [0.0] * (num_outputs(config) - len(w))  # Void as a class gets weight 0 unless given.
+  if len(w) != num_outputs(config):
+    raise RunError(f'config.data.class_weights has {len(w)} values for {num_outputs(config)} classes')
+  return np.asarray(w, np.float32)
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """RMSprop with its learning rate injected, so the plateau rule can scale it without retracing."""
+  def make(learning_rate):
+    tx = optax.rmsprop(learning_rate, decay=config.rmsprop_decay, eps=config.rmsprop_eps)
+    if config.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+    return tx
+  return optax.inject_hyperparams(make)(learning_rate=config.learning_rate)
+
+
+def input_shape(config, batch: int = 1) -> tuple[int, ...]:
+  channels = 6 if config.data.lab else 3
+  return (batch, *config.data.image_size, channels)
+
+
+def create_train_state(config, model, rng, mesh) -> TrainState:
+  """Initialises the state directly replicated over `mesh` (no host copy of the parameters)."""
+  tx = create_optimizer(config)
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables['batch_stats'])
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(init, out_shardings=replicated)(rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# Update and evaluation steps.
+# ---------------------------------------------------------------------------------------------
+
+def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float = 0.0,
+               axis_name: Optional[str] = None):
+  """One RMSprop step on the mean loss over all counted pixels of the global batch."""
+  def total(x):
+    return lax.psum(x, axis_name) if axis_name else x
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'])
+    loss_sum, weight = metrics.cross_entropy(logits, batch['label'], weights, label_smoothing)
+    # Dividing by the global weight makes the summed per-device gradients the global gradient.
+    return loss_sum / jnp.maximum(total(weight), 1.0), (logits, updates, loss_sum, weight)
+
+  grads, (logits, updates, loss_sum, weight) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name:
+    grads = lax.psum(grads, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  mask = metrics.valid_mask(batch['label'], logits.shape[-1])
+  correct = jnp.sum((jnp.argmax(logits, -1) == batch['label']) & mask, dtype=jnp.float32)
+  out = {'loss_sum': loss_sum, 'weight': weight, 'correct': correct,
+         'pixels': jnp.sum(mask, dtype=jnp.float32)}
+  out = jax.tree.map(total, out)
+  out['grad_norm'] = optax.global_norm(grads)
+  return state, out
+
+
+def eval_step(state: TrainState, batch, *, weights=None, axis_name: Optional[str] = None):
+  """Loss sums and the confusion matrix of one batch (padding labelled -1 never counts)."""
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          batch['image'], train=False)
+  loss_sum, weight = metrics.cross_entropy(logits, batch['label'], weights)
+  cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch['label'], logits.shape[-1])
+  out = {'loss_sum': loss_sum, 'weight': weight, 'confusion': cm}
+  if axis_name:
+    out = jax.tree.map(lambda x: lax.psum(x, axis_name), out)
+  return out
+
+
+class Stepper:
+  """Compiled train/eval steps and the host<->device moves of one parallelism mode."""
+
+  def __init__(self, config, mesh, weights):
+    self.mode = config.parallelism
+    self.mesh = mesh
+    self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    w = None if weights is None else jnp.asarray(weights)
+    ls = float(config.get('label_smoothing', 0.0))
+    if self.mode == 'jit':
+      self.train = jax.jit(functools.partial(train_step, weights=w, label_smoothing=ls),
+                           donate_argnums=0, out_shardings=(self.replicated, self.replicated))
+      self.eval = jax.jit(functools.partial(eval_step, weights=w),
+                          out_shardings=self.replicated)
+    elif self.mode == 'pmap':
+      self.train = jax.pmap(
+          functools.partial(train_step, weights=w, label_smoothing=ls, axis_name=PMAP_AXIS),
+          axis_name=PMAP_AXIS, donate_argnums=0, devices=mesh.devices.flat)
+      self.eval = jax.pmap(functools.partial(eval_step, weights=w, axis_name=PMAP_AXIS),
+                           axis_name=PMAP_AXIS, devices=mesh.devices.flat)
+    else:
+      raise RunError(f"config.parallelism must be 'jit' or 'pmap', got {self.mode!r}")
+
+  def batch(self, local: dict) -> dict:
+    """Process-local numpy batch -> global device batch (sharded, or stacked per device)."""
+    local = {k: local[k] for k in ('image', 'label')}
+    if self.mode == 'pmap':
+      n = self.mesh.devices.size
+      return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), local)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), local)
+
+  def to_step_state(self, state):
+    if self.mode == 'pmap':
+      return jax.device_put_replicated(state, list(self.mesh.devices.flat))
+    return state
+
+  def from_step_state(self, state):
+    """The state as checkpointed: replicated over the mesh, whatever the mode."""
+    if self.mode == 'pmap':
+      return jax.device_put(jax.tree.map(lambda x: x[0], state), self.replicated)
+    return state
+
+  def fetch(self, out):
+    """Device metrics -> host numpy (one per-device copy under pmap)."""
+    out = jax.device_get(out)
+    if self.mode == 'pmap':
+      out = jax.tree.map(lambda x: x[0], out)
+    return out
+
+
+def evaluate_split(stepper: Stepper, state, batches) -> dict:
+  """Loss and confusion matrix summed over a whole split, then the scores."""
+  loss_sum, weight, cm = 0.0, 0.0, None
+  for batch in batches:
+    out = stepper.fetch(stepper.eval(state, stepper.batch(batch)))
+    loss_sum += float(out['loss_sum'])
+    weight += float(out['weight'])
+    cm = out['confusion'].astype(np.int64) if cm is None else cm + out['confusion']
+  scores = metrics.scores_from_confusion(cm)
+  scores['loss'] = loss_sum / max(weight, 1.0)
+  scores['confusion'] = cm
+  return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Plateau decay and early stopping, once per epoch.
+# ---------------------------------------------------------------------------------------------
+
+class EpochRules:
+  """Plateau decay of the learning rate (optax.contrib.reduce_on_plateau) and early stopping.
+
+  Both watch a history key; metrics ending in 'loss' are minimised, the others maximised.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    p = config.plateau
+    self.plateau = optax.contrib.reduce_on_plateau(
+        factor=p.factor, patience=p.patience, cooldown=p.cooldown, min_scale=p.min_scale)
+    self.plateau_state = self.plateau.init({})
+    self.stop_best = None
+    self.stop_wait = 0
+
+  def _signed(self, name, value):
+    return value if checkpoints.metric_mode(name) == 'min' else -value
+
+  @property
+  def scale(self) -> float:
+    return float(self.plateau_state.scale)
+
+  def update(self, record: dict) -> tuple[bool, bool]:
+    """Feeds one epoch's record; returns (learning rate was cut, stop now)."""
+    old = self.scale
+    value = self._signed(self.config.plateau.monitor, record[self.config.plateau.monitor])
+    _, self.plateau_state = self.plateau.update({}, self.plateau_state, value=jnp.float32(value))
+    es = self.config.early_stopping
+    stop = False
+    if es.patience > 0:
+      v = self._signed(es.monitor, record[es.monitor])
+      if self.stop_best is None or v < self.stop_best:
+        self.stop_best, self.stop_wait = v, 0
+      else:
+        self.stop_wait += 1
+        stop = self.stop_wait >= es.patience
+    return self.scale < old, stop
+
+  def state_dict(self) -> dict:
+    return {'plateau': {k: np.asarray(v).item() for k, v in self.plateau_state._asdict().items()},
+            'stop_best': self.stop_best, 'stop_wait': self.stop_wait}
+
+  def load_state_dict(self, d: dict) -> None:
+    self.plateau_state = type(self.plateau_state)(**{
+        k: jnp.asarray(d['plateau'][k], getattr(self.plateau_state, k).dtype)
+        for k in self.plateau_state._fields})
+    self.stop_best, self.stop_wait = d['stop_best'], d['stop_wait']
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return jax.sharding.Mesh(devices.reshape(-1), ('data',))
+
+
+def check_batch_sizes(config, mesh) -> None:
+  n = mesh.devices.size
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % n:
+      raise RunError(f'config.{key}={config[key]} is not divisible by the {n} devices')
+
+
+def set_learning_rate(state: TrainState, lr: float) -> TrainState:
+  hp = state.opt_state.hyperparams
+  new = dict(hp, learning_rate=jnp.asarray(lr, hp['learning_rate'].dtype))
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=new))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains on train/, selects on val/; resumes from the latest checkpoint in `workdir`.
+
+  Returns the last epoch's record of the history.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  is_main = jax.process_index() == 0
+
+  # --- Mesh and input ------------------------------------------------------------------------
+  mesh = make_mesh()
+  check_batch_sizes(config, mesh)
+  sources, info = input_pipeline.load_sources(config.data)
+  train_iter = input_pipeline.train_iterator(
+      sources['train'], config.data, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(sources['train']), config.batch_size)
+  val_batches = functools.partial(
+      input_pipeline.eval_batches, sources['val'], config.data,
+      global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  # --- Model and state -----------------------------------------------------------------------
+  axis = PMAP_AXIS if config.parallelism == 'pmap' else None
+  model = models.create_model(config, num_outputs(config), bn_axis_name=axis)
+  state = create_train_state(config, model, jax.random.key(config.seed), mesh)
+  stepper = Stepper(config, mesh, class_weights(config))
+  rules = EpochRules(config)
+  history: list[dict] = []
+  epoch = 0
+
+  # --- Checkpoints: resume where the last run stopped ---------------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoints.create_manager(workdir, config.best_metric)
+  latest = manager.latest_step()
+  if latest is not None:
+    state, meta = checkpoints.restore(manager, latest, checkpoints.abstract_like(state), train_iter)
+    rules.load_state_dict(meta['rules'])
+    history, epoch = meta['history'], meta['epoch']
+    logging.info('Resumed from step %d (epoch %d) in %s', latest, epoch, workdir)
+  elif config.init_from:
+    from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+    state = state.replace(**evaluate.load_weights(config.init_from, state))
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = _create_writer(workdir) if is_main else None
+
+  # --- Epochs --------------------------------------------------------------------------------
+  step = int(state.step)
+  step_state = stepper.to_step_state(state)
+  record = history[-1] if history else {}
+  total_steps = config.num_epochs * steps_per_epoch
+  t_run = time.time()
+  steps_this_run = 0
+  while epoch < config.num_epochs:
+    lr = config.learning_rate * rules.scale
+    step_state = stepper.to_step_state(set_learning_rate(stepper.from_step_state(step_state), lr))
+    sums = None  # Device-side sums of the epoch's step metrics: no host sync per step.
+    t_epoch, t_log, n_log = time.time(), time.time(), 0
+    start_in_epoch = step - epoch * steps_per_epoch
+    for _ in range(start_in_epoch, steps_per_epoch):
+      step_state, out = stepper.train(step_state, stepper.batch(next(train_iter)))
+      summed = {k: out[k] for k in ('loss_sum', 'weight', 'correct', 'pixels')}
+      sums = summed if sums is None else jax.tree.map(jnp.add, sums, summed)
+      step += 1
+      steps_this_run += 1
+      n_log += 1
+      if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+        out = stepper.fetch(out)
+        loss = float(out['loss_sum']) / max(float(out['weight']), 1.0)
+        if not np.isfinite(loss) or not np.isfinite(out['grad_norm']):
+          raise RunError(f'non-finite loss or gradient at step {step} (loss {loss}); the last '
+                         f'good checkpoint in {workdir} is intact')
+        rate = n_log * config.batch_size / (time.time() - t_log)
+        eta = (total_steps - step) * (time.time() - t_run) / max(steps_this_run, 1)
+        logging.info('epoch %d/%d step %d/%d  loss %.4f  %.1f img/s  ETA %s', epoch + 1,
+                     config.num_epochs, step - epoch * steps_per_epoch, steps_per_epoch, loss,
+                     rate, _hms(eta))
+        if writer:
+          writer.add_scalar('train/loss_step', loss, step)
+          writer.add_scalar('train/grad_norm', float(out['grad_norm']), step)
+          writer.add_scalar('train/images_per_sec', rate, step)
+          writer.add_scalar('train/steps_per_sec', n_log / (time.time() - t_log), step)
+        t_log, n_log = time.time(), 0
+      if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+          and step % steps_per_epoch):
+        checkpoints.save(manager, step, stepper.from_step_state(step_state),
+                         _meta(epoch, rules, history), train_iter)
+    train_time = time.time() - t_epoch
+    sums = {k: float(v) for k, v in stepper.fetch(sums).items()} if sums else {
+        'loss_sum': float('nan'), 'weight': 1.0, 'correct': float('nan'), 'pixels': 1.0}
+
+    # --- Validation, rules, checkpoint, logs --------------------------------------------------
+    state = stepper.from_step_state(step_state)
+    val = evaluate_split(stepper, step_state, val_batches())
+    epoch += 1
+    record = {
+        'epoch': epoch, 'step': step, 'learning_rate': lr,
+        'train_loss': sums['loss_sum'] / max(sums['weight'], 1.0),
+        'train_accuracy': sums['correct'] / max(sums['pixels'], 1.0),
+        'val_loss': val['loss'], 'val_accuracy': val['pixel_accuracy'], 'val_miou': val['miou'],
+        'val_mean_class_accuracy': val['mean_class_accuracy'],
+        'epoch_time': time.time() - t_epoch, 'train_time': train_time,
+    }
+    if not np.isfinite(record['val_loss']):
+      raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '
+                     f'good checkpoint in {workdir} is intact')
+    best_so_far = _best_value(history, config.best_metric)
+    record['best'] = best_so_far is None or _better(config.best_metric, record[config.best_metric],
+                                                    best_so_far)
+    lr_cut, stop = rules.update(record)
+    record['lr_cut'] = lr_cut
+    history.append(record)
+    checkpoints.save(manager, step, state, _meta(epoch, rules, history), train_iter,
+                     metrics={config.best_metric: float(record[config.best_metric])})
+    logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f mIoU %.4f | lr %.2e'
+                 '%s%s | %.1fs', epoch, record['train_loss'], record['train_accuracy'],
+                 record['val_loss'], record['val_accuracy'], record['val_miou'], lr,
+                 ' | best' if record['best'] else '', ' | lr cut' if lr_cut else '',
+                 record['epoch_time'])
+    if is_main:
+      _write_history(workdir, history)
+      for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_miou',
+                'learning_rate', 'epoch_time'):
+        writer.add_scalar(f'epoch/{k}', record[k], epoch)
+      writer.flush()
+    if stop:
+      logging.info('Early stopping after epoch %d: %s has not improved for %d epochs', epoch,
+                   config.early_stopping.monitor, config.early_stopping.patience)
+      break
+
+  manager.wait_until_finished()
+  manager.close()
+  if writer:
+    writer.close()
+  return record
+
+
+def _meta(epoch, rules, history) -> dict:
+  return {'epoch': epoch, 'rules': rules.state_dict(), 'history': history}
+
+
+def _better(name, a, b) -> bool:
+  return a < b if checkpoints.metric_mode(name) == 'min' else a > b
+
+
+def _best_value(history, name):
+  best = None
+  for r in history:
+    if best is None or _better(name, r[name], best):
+      best = r[name]
+  return best
+
+
+def _write_history(workdir, history) -> None:
+  tmp = os.path.join(workdir, 'history.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(history, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, 'history.json'))
+
+
+def _create_writer(workdir):
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  return tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'

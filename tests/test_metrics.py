@@ -1,0 +1,78 @@
+"""Loss and metrics against small hand-computed arrays."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sepres_jax import metrics
+
+# 2x3 labels with void (3) and padding (-1); 3 real classes.
+LABELS = np.array([[0, 1, 2], [3, -1, 1]])
+PREDS = np.array([[0, 2, 2], [1, 0, 1]])
+
+
+def test_confusion_matrix_ignores_void_and_padding():
+  cm = np.asarray(metrics.confusion_matrix(jnp.asarray(PREDS), jnp.asarray(LABELS), 3))
+  # Counted pixels: (0->0), (1->2), (2->2), (1->1).
+  np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+
+
+def test_confusion_matrix_counts_void_as_class():
+  cm = np.asarray(metrics.confusion_matrix(jnp.asarray(PREDS), jnp.asarray(LABELS), 4))
+  expected = np.zeros((4, 4), int)
+  expected[0, 0] = expected[1, 2] = expected[2, 2] = expected[1, 1] = expected[3, 1] = 1
+  np.testing.assert_array_equal(cm, expected)
+
+
+def test_scores_to_the_digit():
+  cm = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+  s = metrics.scores_from_confusion(cm, ['a', 'b', 'c'])
+  # IoU: a 1/1, b 1/(1+0+1)=0.5, c 1/(1+1+0)=0.5.
+  assert [r['iou'] for r in s['per_class']] == [1.0, 0.5, 0.5]
+  assert [(r['tp'], r['fp'], r['fn']) for r in s['per_class']] == [(1, 0, 0), (1, 0, 1), (1, 1, 0)]
+  assert s['miou'] == pytest.approx(2 / 3)
+  assert s['pixel_accuracy'] == 0.75
+  assert s['mean_class_accuracy'] == pytest.approx((1 + 0.5 + 1) / 3)
+  assert [r['name'] for r in s['per_class']] == ['a', 'b', 'c']
+
+
+def test_absent_class_is_left_out_of_the_mean():
+  cm = np.array([[2, 0, 0], [1, 1, 0], [0, 0, 0]])
+  s = metrics.scores_from_confusion(cm)
+  assert math.isnan(s['per_class'][2]['iou'])
+  assert s['miou'] == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_cross_entropy_by_hand():
+  logits = jnp.log(jnp.array([[[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]],
+                               [[1 / 3, 1 / 3, 1 / 3], [0.2, 0.2, 0.6]]]]))
+  labels = jnp.array([[[0, 1], [3, -1]]])  # Two counted pixels.
+  loss_sum, weight = metrics.cross_entropy(logits, labels)
+  assert float(weight) == 2.0
+  assert float(loss_sum) == pytest.approx(-math.log(0.5) - math.log(0.8), rel=1e-6)
+  # Void as a 4th class: same logits padded with a 4th class are not needed; use 3-class weights.
+  loss_w, weight_w = metrics.cross_entropy(logits, labels, class_weights=[2.0, 0.5, 1.0])
+  assert float(weight_w) == 2.5
+  assert float(loss_w) == pytest.approx(-2 * math.log(0.5) - 0.5 * math.log(0.8), rel=1e-6)
+
+
+def test_cross_entropy_counts_void_when_it_is_a_class():
+  logits = jnp.log(jnp.array([[[[0.1, 0.2, 0.3, 0.4]]]]))
+  loss_sum, weight = metrics.cross_entropy(logits, jnp.array([[[3]]]))
+  assert float(weight) == 1.0
+  assert float(loss_sum) == pytest.approx(-math.log(0.4), rel=1e-6)
+
+
+def test_label_smoothing():
+  logits = jnp.log(jnp.array([[[[0.5, 0.25, 0.25]]]]))
+  loss_sum, _ = metrics.cross_entropy(logits, jnp.array([[[0]]]), label_smoothing=0.3)
+  expected = 0.7 * -math.log(0.5) + 0.3 * -(math.log(0.5) + 2 * math.log(0.25)) / 3
+  assert float(loss_sum) == pytest.approx(expected, rel=1e-6)
+
+
+def test_format_table_lists_every_class():
+  s = metrics.scores_from_confusion(np.array([[3, 1], [0, 4]]), ['road', 'sky'])
+  table = metrics.format_table(s)
+  assert 'road' in table and 'sky' in table and 'mean IoU 77.50' in table

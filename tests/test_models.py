@@ -1,0 +1,57 @@
+"""The network's shapes and its parameter count against the Keras original."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sepres_jax import models
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('impl', ['xla', 'fast_cpu'])
+def test_parameter_count_matches_keras(impl):
+  model = models.SepResFCN8(num_classes=12, impl=impl)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  assert _count(variables['params']) == 17_530_712
+  assert _count(variables['batch_stats']) == 2_144
+
+
+def test_six_channel_input_and_eleven_classes():
+  model = models.SepResFCN8(num_classes=11)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 6)), train=False))
+  assert variables['params']['stem']['kernel'].shape == (3, 3, 6, 16)
+  assert variables['params']['up_final']['kernel'].shape == (8, 8, 11, 11)
+
+
+def test_output_shape_any_size_divisible_by_32():
+  model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32,
+                            impl='fast_cpu')
+  x = jnp.ones((2, 64, 96, 3))
+  variables = model.init(jax.random.key(0), x)
+  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (2, 64, 96, 5) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+  # Training mode updated the BatchNorm running statistics.
+  before = variables['batch_stats']['stem_bn']['mean']
+  assert not np.allclose(updates['batch_stats']['stem_bn']['mean'], before)
+
+
+def test_rejects_size_not_divisible_by_32():
+  model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32)
+  with pytest.raises(ValueError, match='divisible by 32'):
+    model.init(jax.random.key(0), jnp.ones((1, 60, 64, 3)))
+
+
+def test_bfloat16_activations_keep_float32_parameters():
+  model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32,
+                            dtype=jnp.bfloat16, impl='fast_cpu')
+  x = jnp.ones((1, 64, 64, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
+  assert model.apply(variables, x).dtype == jnp.float32

@@ -1,0 +1,92 @@
+"""Each fast kernel equals the plain XLA one: values and gradients, to float tolerance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sepres_jax import models
+from sepres_jax import ops
+
+RNG = np.random.default_rng(0)
+
+
+def _rand(*shape):
+  return jnp.asarray(RNG.standard_normal(shape), jnp.float32)
+
+
+def _assert_same(fn, *args):
+  """fn(impl, *args) agrees between impls, and so do its gradients wrt every argument."""
+  plain, fast = fn('xla', *args), fn('fast_cpu', *args)
+  np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
+  cot = _rand(*plain.shape)
+  for i in range(len(args)):
+    g = lambda impl: jax.grad(lambda *a: jnp.sum(fn(impl, *a) * cot), argnums=i)(*args)
+    np.testing.assert_allclose(g('fast_cpu'), g('xla'), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv3x3():
+  _assert_same(lambda impl, x, k: ops.depthwise_conv3x3(x, k, impl), _rand(2, 8, 12, 5),
+               _rand(3, 3, 1, 5))
+
+
+@pytest.mark.parametrize('k', [3, 7])
+def test_conv_im2col(k):
+  _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, 9, 7, 4), _rand(k, k, 4, 6))
+
+
+def test_pointwise_conv_equals_lax_conv():
+  x, w = _rand(2, 5, 6, 4), _rand(1, 1, 4, 3)
+  plain = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(ops.pointwise_conv(x, w), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('s', [2, 4, 8])
+def test_upsample_conv(s):
+  _assert_same(lambda impl, x, w: ops.upsample_conv(x, w, impl), _rand(2, 3, 4, 5),
+               _rand(s, s, 5, 6))
+
+
+def test_upsample_conv_layout():
+  x = jnp.zeros((1, 2, 2, 1)).at[0, 1, 0, 0].set(1.0)
+  w = jnp.arange(4.0).reshape(2, 2, 1, 1)
+  for impl in ops.IMPLS:
+    y = ops.upsample_conv(x, w, impl)[0, :, :, 0]
+    np.testing.assert_allclose(y[2:4, 0:2], [[0, 1], [2, 3]])
+    assert float(jnp.abs(y).sum()) == 6.0
+
+
+def test_max_pool2x2():
+  _assert_same(lambda impl, x: ops.max_pool2x2(x, impl), _rand(2, 8, 6, 3))
+
+
+def test_max_pool2x2_ties_go_to_one_element():
+  x = jnp.ones((1, 2, 2, 1))
+  for impl in ops.IMPLS:
+    g = jax.grad(lambda v: ops.max_pool2x2(v, impl).sum())(x)
+    assert float(g.sum()) == 1.0
+
+
+def test_whole_network_same_in_both_impls():
+  kw = dict(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32)
+  x = _rand(2, 64, 64, 3)
+  variables = models.SepResFCN8(impl='xla', **kw).init(jax.random.key(1), x)
+
+  def loss(impl, params):
+    out, _ = models.SepResFCN8(impl=impl, **kw).apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+        mutable=['batch_stats'])
+    return jnp.mean(out ** 2)
+
+  np.testing.assert_allclose(loss('fast_cpu', variables['params']),
+                             loss('xla', variables['params']), rtol=1e-4)
+  g_fast = jax.grad(lambda p: loss('fast_cpu', p))(variables['params'])
+  g_xla = jax.grad(lambda p: loss('xla', p))(variables['params'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5), g_fast, g_xla)
+
+
+def test_resolve_impl():
+  assert ops.resolve_impl('auto') == ('fast_cpu' if jax.default_backend() == 'cpu' else 'xla')
+  with pytest.raises(ValueError, match='model.impl'):
+    ops.resolve_impl('cuda')
