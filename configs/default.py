@@ -64,6 +64,7 @@ def get_config():
   config.plateau.factor = 0.1
   config.plateau.patience = 5
   config.plateau.cooldown = 0
+  config.plateau.min_delta = 1e-4  # Absolute change that counts as an improvement (Keras').
   config.plateau.min_scale = 1e-4
   config.early_stopping = ml_collections.ConfigDict()
   config.early_stopping.monitor = 'val_miou'

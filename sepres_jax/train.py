@@ -60,7 +60,8 @@ def class_weights(config) -> Optional[np.ndarray]:
       w = [float(v) for v in str(spec).split(',')]
     except ValueError:
       raise RunError(f'config.data.class_weights: not a list of numbers: {spec!r}') from None
-  w = w + [0.0] * (num_outputs(config) - len(w))  # Void as a class gets weight 0 unless given.
+  if len(w) == config.data.num_classes < num_outputs(config):
+    w.append(0.0)  # Void learned as a class gets weight 0 unless given.
   if len(w) != num_outputs(config):
     raise RunError(f'config.data.class_weights has {len(w)} values for {num_outputs(config)} classes')
   return np.asarray(w, np.float32)
@@ -172,7 +173,9 @@ class Stepper:
 
   def to_step_state(self, state):
     if self.mode == 'pmap':
-      return jax.device_put_replicated(state, list(self.mesh.devices.flat))
+      n = self.mesh.devices.size
+      return jax.tree.map(
+          lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), self.data_sharding), state)
     return state
 
   def from_step_state(self, state):
@@ -217,7 +220,8 @@ class EpochRules:
     self.config = config
     p = config.plateau
     self.plateau = optax.contrib.reduce_on_plateau(
-        factor=p.factor, patience=p.patience, cooldown=p.cooldown, min_scale=p.min_scale)
+        factor=p.factor, patience=p.patience, cooldown=p.cooldown, min_scale=p.min_scale,
+        rtol=0.0, atol=p.min_delta)  # Keras' rule: an improvement beats the best by min_delta.
     self.plateau_state = self.plateau.init({})
     self.stop_best = None
     self.stop_wait = 0

@@ -1,0 +1,34 @@
+"""Shared fixtures: the tiny config, and where the real CamVid lives when it is present."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `from configs import ...` as main.py does.
+CAMVID = ROOT.parent / 'shared' / 'data' / 'CamVid'
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.data.cache_dir = str(tmp_path / 'cache')
+  return config
+
+
+@pytest.fixture
+def camvid_dir():
+  if not (CAMVID / 'train').is_dir():
+    pytest.skip(f'real CamVid not present at {CAMVID}')
+  return str(CAMVID)
+
+
+def run_env(**extra):
+  """Environment for running main.py in a subprocess from the repo root."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop('XLA_FLAGS', None)
+  env.update(extra)
+  return env

@@ -1,0 +1,94 @@
+"""Train and eval steps, the optimiser's injected learning rate, plateau and early stopping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sepres_jax import train
+
+
+def _batch(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  h, w = config.data.image_size
+  # 16x16 blocks of one class: learnable by an FCN whose finest skip is at 1/8 resolution.
+  blocks = rng.integers(0, config.data.num_classes + 1, (n, h // 16, w // 16))
+  labels = blocks.repeat(16, axis=1).repeat(16, axis=2).astype(np.int32)
+  # Images that carry the label, so that the task is learnable.
+  images = np.repeat((labels[..., None] / 6.0 - 1.0), 3, axis=-1).astype(np.float32)
+  return {'image': images, 'label': labels}
+
+
+def test_train_step_lowers_loss_on_a_repeated_batch(tiny_config):
+  tiny_config.learning_rate = 1e-2
+  mesh = train.make_mesh()
+  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
+  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
+  stepper = train.Stepper(tiny_config, mesh, None)
+  batch = stepper.batch(_batch(tiny_config, 4))
+  losses = []
+  for _ in range(20):
+    state, out = stepper.train(state, batch)
+    out = stepper.fetch(out)
+    losses.append(float(out['loss_sum'] / out['weight']))
+    assert np.isfinite(out['grad_norm'])
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(state.step) == 20
+  # Void (label 11) is not counted when ignored.
+  labels = np.asarray(batch['label'])
+  assert float(out['pixels']) == np.sum(labels < tiny_config.data.num_classes)
+
+
+def test_eval_step_confusion_covers_counted_pixels(tiny_config):
+  mesh = train.make_mesh()
+  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
+  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
+  stepper = train.Stepper(tiny_config, mesh, None)
+  raw = _batch(tiny_config, 4)
+  raw['label'][0] = -1  # A padded example never counts.
+  scores = train.evaluate_split(stepper, state, [raw])
+  assert scores['confusion'].sum() == np.sum((raw['label'] >= 0) & (raw['label'] < 11))
+  assert 0.0 <= scores['miou'] <= 1.0 and np.isfinite(scores['loss'])
+
+
+def test_learning_rate_is_injected_without_retrace(tiny_config):
+  mesh = train.make_mesh()
+  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
+  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
+  state = train.set_learning_rate(state, 0.0)
+  stepper = train.Stepper(tiny_config, mesh, None)
+  before = jax.tree.map(np.asarray, state.params)
+  state, _ = stepper.train(state, stepper.batch(_batch(tiny_config, 4)))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
+
+
+def test_class_weights(tiny_config):
+  assert train.class_weights(tiny_config) is None
+  tiny_config.data.class_weights = 'median_frequency'
+  w = train.class_weights(tiny_config)
+  assert w.shape == (11,) and w[3] == pytest.approx(0.1417)
+  tiny_config.data.ignore_void = False
+  assert train.class_weights(tiny_config)[11] == 0.0
+  tiny_config.data.class_weights = '1,2'
+  with pytest.raises(train.RunError, match='class_weights'):
+    train.class_weights(tiny_config)
+
+
+def test_plateau_and_early_stopping(tiny_config):
+  c = tiny_config
+  c.plateau.monitor, c.plateau.patience, c.plateau.factor = 'val_accuracy', 2, 0.01
+  c.early_stopping.monitor, c.early_stopping.patience = 'val_loss', 3
+  rules = train.EpochRules(c)
+  cuts, stops = [], []
+  for acc, loss in [(0.5, 1.0), (0.6, 0.9), (0.6, 0.95), (0.6, 0.95), (0.6, 0.95), (0.7, 0.95)]:
+    cut, stop = rules.update({'val_accuracy': acc, 'val_loss': loss})
+    cuts.append(cut)
+    stops.append(stop)
+  # Accuracy stalls for epochs 3 and 4 (patience 2): cut after epoch 4, by 0.01.
+  assert cuts == [False, False, False, True, False, False]
+  assert rules.scale == pytest.approx(0.01)
+  # Loss last improved at epoch 2: stop after 3 more epochs.
+  assert stops == [False, False, False, False, True, True]
+  restored = train.EpochRules(c)
+  restored.load_state_dict(rules.state_dict())
+  assert restored.state_dict() == rules.state_dict()
