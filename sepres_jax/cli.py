@@ -5,13 +5,22 @@ import sys
 from absl import logging
 
 from sepres_jax import train
-from sepres_jax.data import DataError
+from sepres_jax.data.camvid import DataError
 
 USER_ERRORS = (train.RunError, DataError, FileNotFoundError, NotADirectoryError)
 
 
+class _QuietLibraries:
+  """Drops INFO lines of the libraries (orbax logs every file it renames); keeps warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or '/sepres_jax/' in record.pathname or 'main.py' in record.pathname
+
+
 def run(mode: str, config, workdir: str, verbose: bool = False) -> int:
   """Runs one mode; returns the exit status."""
+  if not verbose:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     if mode == 'train':
       train.train_and_evaluate(config, workdir)

@@ -1,0 +1,347 @@
+"""Input pipeline: built CamVid records -> decoded, resized, normalised, batched numpy arrays.
+
+`load_sources` builds the tfds dataset once (array_record, no TensorFlow) and opens random-access
+sources; `train_iterator` and `eval_batches` turn a source into grain iterators of batches.
+
+Batches are dicts of numpy arrays:
+  image: float32 [b, H, W, C] in [-1, 1]; C = 3 (RGB), or 6 with data.lab (RGB then CIELAB).
+  label: int32 [b, H, W]; 0..num_classes-1 classes, num_classes void, -1 padding.
+Each process gets its slice [process_index * b, (process_index + 1) * b) of every global batch of
+size b * process_count, so concatenating the processes' batches in process order gives the
+single-process batch.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+import shutil
+
+import cv2
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sepres_jax.data import camvid
+from sepres_jax.data import synthetic
+from sepres_jax.data.camvid import DataError
+
+RANDOM85_VAL_FRACTION = 0.15
+PAD_MULTIPLE = 32  # Native-size evaluation pads images to a multiple of the network's stride.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  class_names: tuple[str, ...]  # num_classes names + 'void' last.
+  colors: np.ndarray  # uint8 [num_classes + 1, 3], void last.
+  num_classes: int  # Real classes (11 for CamVid).
+  void_label: int  # == num_classes.
+  num_examples: dict  # Split name -> count.
+
+
+class SubsetSource:
+  """Random-access view of `parent` restricted to `indices` (in the given order)."""
+
+  def __init__(self, parent, indices):
+    self.parent = parent
+    self.indices = np.asarray(indices, dtype=np.int64)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.parent[int(self.indices[i])]
+
+  def __repr__(self):
+    return f'SubsetSource({len(self)} of {len(self.parent)})'
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and opening the data sources.
+# ---------------------------------------------------------------------------------------------
+
+
+def folder_fingerprint(folder):
+  """Hash of a folder's absolute path and every file's relative path, size and mtime."""
+  folder = Path(folder).resolve()
+  h = hashlib.sha256(f'{camvid.CamVid.VERSION}\0{folder}\0'.encode())
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      path = Path(root) / name
+      st = path.stat()
+      h.update(f'{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  return h.hexdigest()[:16]
+
+
+def _synthetic_folder(data_config, cache_dir):
+  """Writes the synthetic scenes once into <cache_dir>/synthetic-<hash of params>."""
+  params = dict(num_train=data_config.synthetic.num_train, num_val=data_config.synthetic.num_val,
+                num_test=data_config.synthetic.num_test, height=data_config.synthetic.height,
+                width=data_config.synthetic.width, seed=data_config.synthetic.get('seed', 0))
+  key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+  folder = cache_dir / f'synthetic-{key}'
+  if not folder.is_dir():
+    # Write beside, then rename: an interrupted run leaves only a tmp folder behind.
+    tmp = cache_dir / f'.tmp-synthetic-{key}-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    synthetic.write_synthetic_camvid(tmp, **params)
+    try:
+      os.rename(tmp, folder)
+    except OSError:  # Another process finished first.
+      shutil.rmtree(tmp, ignore_errors=True)
+  return folder
+
+
+def _data_folder(data_config, cache_dir):
+  """The local folder to build from, or None to download the public archive."""
+  if data_config.name == 'synthetic':
+    return _synthetic_folder(data_config, cache_dir)
+  if data_config.name != 'camvid':
+    raise ValueError(f"data.name={data_config.name!r}: expected 'camvid' or 'synthetic'")
+  if not data_config.manual_dir:
+    return None
+  folder = Path(os.path.abspath(os.path.expanduser(data_config.manual_dir)))
+  if not folder.is_dir():
+    raise DataError(f'{folder}: data folder does not exist (data.manual_dir)')
+  if not any(folder.iterdir()):
+    raise DataError(f'{folder}: data folder is empty (data.manual_dir)')
+  return folder
+
+
+def build_dataset(data_config):
+  """Builds (or reuses) the tfds dataset; returns the prepared builder."""
+  cache_dir = Path(os.path.abspath(os.path.expanduser(data_config.cache_dir)))
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  folder = _data_folder(data_config, cache_dir)
+  if folder is None:
+    builder = camvid.CamVid(data_dir=os.fspath(cache_dir / 'tfds' / 'download'),
+                            file_format='array_record')
+    builder.download_and_prepare()
+  else:
+    camvid.find_layout(folder)  # Fail early, naming the folder, if it is not CamVid.
+    data_dir = cache_dir / 'tfds' / folder_fingerprint(folder)
+    builder = camvid.CamVid(data_dir=os.fspath(data_dir), file_format='array_record')
+    # tfds writes into an `incomplete.*` folder and renames it when done, so an interrupted build
+    # is never mistaken for a finished one; an existing finished build is only opened.
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(folder)))
+  return builder
+
+
+def random85_split(num_examples, seed):
+  """Disjoint (train, val) index arrays: a fixed-seed 85:15 split of range(num_examples)."""
+  perm = np.random.default_rng(seed).permutation(num_examples)
+  num_val = int(round(RANDOM85_VAL_FRACTION * num_examples))
+  return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+def load_sources(data_config):
+  """Returns ({'train', 'val', 'test'} -> random-access source, DatasetInfo).
+
+  Each source element is a dict: image uint8 [H, W, 3], label uint8 [H, W, 1], file_name bytes.
+  """
+  builder = build_dataset(data_config)
+  available = set(builder.info.splits.keys())
+  if data_config.split == 'official':
+    if 'val' not in available:
+      raise DataError('this CamVid folder (prepped layout) has no val split; use '
+                      '--config.data.split=random85')
+    sources = {s: builder.as_data_source(split=s) for s in ('train', 'val', 'test')}
+  elif data_config.split == 'random85':
+    full_train = builder.as_data_source(split='train')
+    train_idx, val_idx = random85_split(len(full_train), data_config.split_seed)
+    sources = {'train': SubsetSource(full_train, train_idx),
+               'val': SubsetSource(full_train, val_idx),
+               'test': builder.as_data_source(split='test')}
+  else:
+    raise ValueError(f"data.split={data_config.split!r}: expected 'official' or 'random85'")
+
+  meta = builder.info.metadata
+  num_classes = len(meta['class_names']) - 1
+  if data_config.num_classes != num_classes:
+    raise ValueError(f'data.num_classes={data_config.num_classes} but the dataset has '
+                     f'{num_classes} classes')
+  info = DatasetInfo(
+      class_names=tuple(meta['class_names']),
+      colors=np.asarray(meta['colors'], dtype=np.uint8),
+      num_classes=num_classes,
+      void_label=int(meta['void_label']),
+      num_examples={s: len(src) for s, src in sources.items()})
+  return sources, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example preprocessing.
+# ---------------------------------------------------------------------------------------------
+
+
+def preprocess_image(rgb_uint8, data_config, size=None):
+  """uint8 RGB [H, W, 3] -> float32 [h, w, C] in [-1, 1]; C = 6 with data.lab (RGB then LAB).
+
+  `size` (h, w) resizes bilinearly first; None keeps the native size.
+  """
+  rgb = np.asarray(rgb_uint8)
+  if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+    raise ValueError(f'expected uint8 [H, W, 3], got {rgb.dtype} {rgb.shape}')
+  if size is not None and tuple(rgb.shape[:2]) != tuple(size):
+    rgb = cv2.resize(rgb, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
+  channels = [rgb]
+  if data_config.lab:
+    # cv2's uint8 LAB stores L*255/100, a+128, b+128: all in 0..255 like RGB.
+    channels.append(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB))
+  x = np.concatenate(channels, axis=-1) if len(channels) > 1 else rgb
+  return x.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+
+
+def preprocess_label(label_uint8, size=None):
+  """uint8 [H, W] or [H, W, 1] -> int32 [h, w], nearest-neighbour resized to `size` if given."""
+  label = np.asarray(label_uint8)
+  if label.ndim == 3:
+    label = label[..., 0]
+  if size is not None and tuple(label.shape) != tuple(size):
+    label = cv2.resize(label, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+  return label.astype(np.int32)
+
+
+def steps_per_epoch(num_examples, global_batch_size):
+  """Training steps per epoch: the last incomplete batch of every epoch is dropped."""
+  return num_examples // global_batch_size
+
+
+def _local_batch_size(global_batch_size, process_index, process_count):
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch {global_batch_size} not divisible by {process_count} processes')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  return global_batch_size // process_count
+
+
+def _read_options(data_config):
+  threads = max(1, int(data_config.num_threads))
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(int(data_config.prefetch), threads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------
+
+
+class _TrainBatch:
+  """Global batch of example indices -> this process's decoded, preprocessed slice."""
+
+  def __init__(self, source, data_config, local_batch, process_index, seed):
+    self.source = source
+    self.size = tuple(int(s) for s in data_config.image_size)
+    self.data_config = data_config
+    self.start = process_index * local_batch
+    self.stop = self.start + local_batch
+    self.random_flip = bool(data_config.get('random_flip', False))
+    self.seed = seed
+
+  def __call__(self, step, global_indices):
+    global_indices = np.asarray(global_indices)
+    if self.random_flip:  # Drawn for the whole global batch, so slices agree across processes.
+      flips = np.random.default_rng([self.seed, step]).random(len(global_indices)) < 0.5
+    else:
+      flips = np.zeros(len(global_indices), bool)
+    images, labels = [], []
+    for i in range(self.start, self.stop):
+      example = self.source[int(global_indices[i])]
+      image = preprocess_image(example['image'], self.data_config, self.size)
+      label = preprocess_label(example['label'], self.size)
+      if flips[i]:
+        image, label = image[:, ::-1], label[:, ::-1]
+      images.append(image)
+      labels.append(label)
+    return {'image': np.stack(images), 'label': np.stack(labels)}
+
+
+def train_iterator(source, data_config, *, global_batch_size, seed, process_index=0,
+                   process_count=1):
+  """Infinite grain iterator of training batches, reshuffled every epoch.
+
+  Epoch e is a permutation of the source drawn from (seed, e); its last incomplete global batch is
+  dropped, so every epoch has steps_per_epoch(len(source), global_batch_size) steps. The iterator
+  has get_state()/set_state(): a restored iterator continues at exactly the next batch.
+  """
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  if steps_per_epoch(len(source), global_batch_size) == 0:
+    raise ValueError(f'{len(source)} training examples < global batch {global_batch_size}')
+  ds = (grain.MapDataset.range(len(source))
+        .shuffle(seed=seed)
+        .batch(global_batch_size, drop_remainder=True)
+        .repeat()  # Reseeds the shuffle for each epoch.
+        .map_with_index(_TrainBatch(source, data_config, local_batch, process_index, seed))
+        .to_iter_dataset(_read_options(data_config)))
+  if data_config.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.num_workers)))
+  return iter(ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------
+
+
+def _round_up(x, multiple):
+  return int(math.ceil(x / multiple) * multiple)
+
+
+class _EvalBatch:
+  """Global batch number -> this process's slice, padded (label -1) to equal shapes."""
+
+  def __init__(self, source, data_config, local_batch, process_index, global_batch_size):
+    self.source = source
+    self.data_config = data_config
+    self.local_batch = local_batch
+    self.process_index = process_index
+    self.global_batch_size = global_batch_size
+    self.size = tuple(int(s) for s in data_config.image_size) if data_config.eval_resize else None
+    # A shape for every batch, even a process slice made only of padding: the first example's.
+    if self.size is not None:
+      self.reference_hw = self.size
+    elif len(source):
+      self.reference_hw = tuple(source[0]['image'].shape[:2])
+    else:
+      self.reference_hw = (0, 0)
+
+  def __call__(self, batch_number):
+    start = batch_number * self.global_batch_size + self.process_index * self.local_batch
+    indices = np.arange(start, start + self.local_batch)
+    valid = indices < len(self.source)
+    images, labels = [], []
+    for i in indices[valid]:
+      example = self.source[int(i)]
+      images.append(preprocess_image(example['image'], self.data_config, self.size))
+      labels.append(preprocess_label(example['label'], self.size))
+    height = max([self.reference_hw[0]] + [im.shape[0] for im in images])
+    width = max([self.reference_hw[1]] + [im.shape[1] for im in images])
+    if self.size is None:
+      height, width = _round_up(height, PAD_MULTIPLE), _round_up(width, PAD_MULTIPLE)
+    channels = 6 if self.data_config.lab else 3
+    image_batch = np.zeros((self.local_batch, height, width, channels), np.float32)
+    label_batch = np.full((self.local_batch, height, width), -1, np.int32)
+    for k, (image, label) in enumerate(zip(images, labels)):  # Valid examples come first.
+      image_batch[k, :image.shape[0], :image.shape[1]] = image
+      label_batch[k, :label.shape[0], :label.shape[1]] = label
+    return {'image': image_batch, 'label': label_batch, 'valid': valid,
+            'index': np.where(valid, indices, -1).astype(np.int32)}
+
+
+def eval_batches(source, data_config, *, global_batch_size, process_index=0, process_count=1):
+  """Finite iterator over the whole split in order, the last global batch padded.
+
+  Native resolution (padded bottom/right to a multiple of 32) unless data.eval_resize. Padded
+  pixels and padded examples have label -1; `valid` marks real examples, `index` their position in
+  the source (-1 for padding). Padded image pixels are 0.
+  """
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  num_batches = math.ceil(len(source) / global_batch_size)
+  ds = (grain.MapDataset.range(num_batches)
+        .map(_EvalBatch(source, data_config, local_batch, process_index, global_batch_size))
+        .to_iter_dataset(_read_options(data_config)))
+  return iter(ds)

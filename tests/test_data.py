@@ -1,0 +1,425 @@
+"""Tests of the CamVid builder, the synthetic scenes and the input pipeline (small, CPU)."""
+
+import hashlib
+import os
+from pathlib import Path
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from sepres_jax import input_pipeline
+from sepres_jax.data import camvid
+from sepres_jax.data import synthetic
+from sepres_jax.data.camvid import DataError
+
+SHARED_CAMVID = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CamVid'
+
+
+def data_config(cache_dir, **overrides):
+  config = test_config.get_config().data
+  config.cache_dir = os.fspath(cache_dir)
+  config.num_threads = 2
+  config.prefetch = 2
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+def write_scenes(folder, num_train=12, num_val=4, num_test=3, height=24, width=32, seed=0):
+  return synthetic.write_synthetic_camvid(folder, num_train=num_train, num_val=num_val,
+                                          num_test=num_test, height=height, width=width, seed=seed)
+
+
+def tree_digest(folder):
+  h = hashlib.sha256()
+  for path in sorted(Path(folder).rglob('*')):
+    if path.is_file():
+      h.update(os.fspath(path.relative_to(folder)).encode() + path.read_bytes())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+  return write_scenes(tmp_path_factory.mktemp('scenes'))
+
+
+class IndexSource:
+  """Example i has every image pixel equal to i and every label pixel to i % 12."""
+
+  def __init__(self, n, height=8, width=8):
+    self.n, self.height, self.width = n, height, width
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return {'image': np.full((self.height, self.width, 3), i, np.uint8),
+            'label': np.full((self.height, self.width, 1), i % 12, np.uint8),
+            'file_name': f'{i}.png'.encode()}
+
+
+def example_ids(batch):
+  return [int(round((x + 1) * 127.5)) for x in batch['image'][:, 0, 0, 0]]
+
+
+# --- constants and synthetic scenes -------------------------------------------------------------
+
+
+def test_constants():
+  assert len(camvid.CLASS_NAMES) == 12 and camvid.CLASS_NAMES[-1] == 'void'
+  assert camvid.COLORS.shape == (12, 3) and camvid.COLORS.dtype == np.uint8
+  assert camvid.COLORS[-1].tolist() == [0, 0, 0] and camvid.COLORS[4].tolist() == [60, 40, 222]
+  assert len(camvid.MEDIAN_FREQUENCY_WEIGHTS) == 11 and camvid.MEDIAN_FREQUENCY_WEIGHTS[6] == 9.6446
+
+
+def test_synthetic_is_deterministic_and_well_formed(tmp_path, scenes):
+  again = write_scenes(tmp_path / 'again')
+  assert tree_digest(again) == tree_digest(scenes)
+  other = write_scenes(tmp_path / 'other', seed=1)
+  assert tree_digest(other) != tree_digest(scenes)
+  for split, count in (('train', 12), ('val', 4), ('test', 3)):
+    assert len(list((scenes / split).glob('*.png'))) == count
+    assert len(list((scenes / f'{split}annot').glob('*.png'))) == count
+  labels = np.stack([cv2.imread(os.fspath(p), cv2.IMREAD_UNCHANGED)
+                     for p in sorted((scenes / 'trainannot').glob('*.png'))])
+  assert labels.shape == (12, 24, 32) and labels.max() <= 11
+  assert len(np.unique(labels)) >= 8  # Most classes appear.
+  image = cv2.imread(os.fspath(sorted((scenes / 'train').glob('*.png'))[0]), cv2.IMREAD_UNCHANGED)
+  assert image.shape == (24, 32, 3)
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+def test_segnet_layout(tmp_path, scenes):
+  before = tree_digest(scenes)
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(scenes))
+  sources, info = input_pipeline.load_sources(config)
+  assert tree_digest(scenes) == before  # Nothing written into the manual dir.
+  assert info.num_examples == {'train': 12, 'val': 4, 'test': 3}
+  assert info.class_names == camvid.CLASS_NAMES and info.num_classes == 11 and info.void_label == 11
+  np.testing.assert_array_equal(info.colors, camvid.COLORS)
+  example = sources['val'][1]
+  assert example['image'].shape == (24, 32, 3) and example['image'].dtype == np.uint8
+  assert example['label'].shape == (24, 32, 1) and example['label'].dtype == np.uint8
+  assert example['file_name'] == b'synth_val_00001.png'  # Sorted file order.
+  expected = cv2.imread(os.fspath(scenes / 'valannot' / 'synth_val_00001.png'), cv2.IMREAD_UNCHANGED)
+  np.testing.assert_array_equal(example['label'][..., 0], expected)
+  expected = cv2.imread(os.fspath(scenes / 'val' / 'synth_val_00001.png'))[..., ::-1]
+  np.testing.assert_array_equal(example['image'], expected)
+
+
+def test_prepped_layout(tmp_path, scenes):
+  folder = tmp_path / 'prepped'
+  for split in ('train', 'test'):
+    shutil.copytree(scenes / split, folder / f'images_prepped_{split}')
+    (folder / f'annotations_prepped_{split}').mkdir(parents=True)
+    for path in (scenes / f'{split}annot').glob('*.png'):
+      label = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+      # The prepped copy stores the class id in all three channels.
+      cv2.imwrite(os.fspath(folder / f'annotations_prepped_{split}' / path.name),
+                  np.repeat(label[..., None], 3, axis=-1))
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(folder))
+  with pytest.raises(DataError, match='random85'):
+    input_pipeline.load_sources(config)
+  config.split = 'random85'
+  sources, info = input_pipeline.load_sources(config)
+  assert info.num_examples == {'train': 10, 'val': 2, 'test': 3}
+  label = sources['test'][0]['label']
+  assert label.shape == (24, 32, 1) and label.max() <= 11
+
+
+def test_rebuild_when_folder_changes_and_reuse_otherwise(tmp_path):
+  folder = write_scenes(tmp_path / 'scenes', num_train=4, num_val=2, num_test=2)
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(folder))
+  first = input_pipeline.build_dataset(config)
+  record = next(Path(first.data_dir).glob('*train.array_record*'))
+  stamp = record.stat().st_mtime_ns
+  again = input_pipeline.build_dataset(config)
+  assert again.data_dir == first.data_dir and record.stat().st_mtime_ns == stamp
+  # A new pair in the folder -> a new fingerprint and a rebuild that sees it.
+  for sub in ('train', 'trainannot'):
+    shutil.copy(folder / sub / 'synth_train_00000.png', folder / sub / 'zz_new.png')
+  sources, info = input_pipeline.load_sources(config)
+  assert info.num_examples['train'] == 5
+  assert input_pipeline.build_dataset(config).data_dir != first.data_dir
+
+
+def test_interrupted_build_is_redone(tmp_path, monkeypatch):
+  folder = write_scenes(tmp_path / 'scenes', num_train=4, num_val=2, num_test=2)
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(folder))
+  real_check_pair, calls = camvid.check_pair, []
+
+  def failing_check_pair(*pair):
+    calls.append(pair)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real_check_pair(*pair)
+
+  monkeypatch.setattr(camvid, 'check_pair', failing_check_pair)
+  with pytest.raises(KeyboardInterrupt):
+    input_pipeline.load_sources(config)
+  monkeypatch.setattr(camvid, 'check_pair', real_check_pair)
+  _, info = input_pipeline.load_sources(config)
+  assert info.num_examples == {'train': 4, 'val': 2, 'test': 2}
+
+
+def test_synthetic_name_builds_through_the_builder(tmp_path):
+  config = data_config(tmp_path / 'cache')
+  config.synthetic.update(num_train=5, num_val=2, num_test=2, height=16, width=24)
+  sources, info = input_pipeline.load_sources(config)
+  assert info.num_examples == {'train': 5, 'val': 2, 'test': 2}
+  assert sources['train'][0]['image'].shape == (16, 24, 3)
+  folders = list((tmp_path / 'cache').glob('synthetic-*'))
+  assert len(folders) == 1
+  input_pipeline.load_sources(config)
+  assert list((tmp_path / 'cache').glob('synthetic-*')) == folders
+
+
+def test_random85_split(tmp_path, scenes):
+  train, val = input_pipeline.random85_split(367, seed=42)
+  assert len(train) == 312 and len(val) == 55
+  assert not set(train) & set(val) and set(train) | set(val) == set(range(367))
+  again, _ = input_pipeline.random85_split(367, seed=42)
+  other, _ = input_pipeline.random85_split(367, seed=1)
+  np.testing.assert_array_equal(train, again)
+  assert not np.array_equal(train, other)
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(scenes),
+                       split='random85')
+  sources, info = input_pipeline.load_sources(config)
+  assert info.num_examples == {'train': 10, 'val': 2, 'test': 3}
+  names = lambda src: {src[i]['file_name'] for i in range(len(src))}
+  assert not names(sources['train']) & names(sources['val'])
+  assert len(names(sources['train']) | names(sources['val'])) == 12
+
+
+# --- training batches ---------------------------------------------------------------------------
+
+
+def test_train_batches_from_built_dataset(tmp_path, scenes):
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(scenes),
+                       image_size=(32, 48))
+  sources, _ = input_pipeline.load_sources(config)
+  batch = next(input_pipeline.train_iterator(sources['train'], config, global_batch_size=4, seed=0))
+  assert batch['image'].shape == (4, 32, 48, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (4, 32, 48) and batch['label'].dtype == np.int32
+  assert -1 <= batch['image'].min() < 0 < batch['image'].max() <= 1
+  assert 0 <= batch['label'].min() and batch['label'].max() <= 11
+  config.lab = True
+  batch = next(input_pipeline.train_iterator(sources['train'], config, global_batch_size=4, seed=0))
+  assert batch['image'].shape == (4, 32, 48, 6)
+  assert -1 <= batch['image'].min() and batch['image'].max() <= 1
+
+
+def test_preprocess_image():
+  config = data_config('/unused')
+  rgb = np.random.default_rng(0).integers(0, 256, (10, 14, 3), dtype=np.uint8)
+  x = input_pipeline.preprocess_image(rgb, config)
+  np.testing.assert_allclose(x, rgb / 127.5 - 1, atol=1e-6)
+  assert input_pipeline.preprocess_image(rgb, config, size=(5, 7)).shape == (5, 7, 3)
+  config.lab = True
+  x = input_pipeline.preprocess_image(rgb, config)
+  lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+  assert x.shape == (10, 14, 6) and x.dtype == np.float32
+  np.testing.assert_allclose(x[..., 3:], lab / 127.5 - 1, atol=1e-6)
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_train_epochs_reshuffle_and_are_deterministic():
+  config = data_config('/unused', image_size=(8, 8))
+  source = IndexSource(10)  # 3 batches of 3 per epoch; one example dropped per epoch.
+  assert input_pipeline.steps_per_epoch(10, 3) == 3
+  batches = take(input_pipeline.train_iterator(source, config, global_batch_size=3, seed=7), 9)
+  ids = [example_ids(b) for b in batches]
+  epochs = [sum(ids[3 * e:3 * e + 3], []) for e in range(3)]
+  for epoch in epochs:
+    assert len(set(epoch)) == 9 and set(epoch) <= set(range(10))
+  assert epochs[0] != epochs[1]
+  same = take(input_pipeline.train_iterator(source, config, global_batch_size=3, seed=7), 9)
+  assert [example_ids(b) for b in same] == ids
+  other = take(input_pipeline.train_iterator(source, config, global_batch_size=3, seed=8), 3)
+  assert [example_ids(b) for b in other] != ids[:3]
+  label = batches[0]['label']
+  assert label.dtype == np.int32 and (label[:, 0, 0] == np.array(ids[0]) % 12).all()
+
+
+def test_train_iterator_resumes_at_next_batch():
+  config = data_config('/unused', image_size=(8, 8))
+  source = IndexSource(10)
+  iterator = input_pipeline.train_iterator(source, config, global_batch_size=4, seed=3)
+  take(iterator, 3)  # Into the second epoch.
+  state = iterator.get_state()
+  expected = [example_ids(b) for b in take(iterator, 4)]
+  resumed = input_pipeline.train_iterator(source, config, global_batch_size=4, seed=3)
+  resumed.set_state(state)
+  assert [example_ids(b) for b in take(resumed, 4)] == expected
+
+
+def test_train_process_slices_make_up_the_global_batch():
+  config = data_config('/unused', image_size=(8, 8), random_flip=True)
+  source = IndexSource(13)
+  single = take(input_pipeline.train_iterator(source, config, global_batch_size=6, seed=0), 5)
+  parts = [take(input_pipeline.train_iterator(source, config, global_batch_size=6, seed=0,
+                                              process_index=p, process_count=2), 5)
+           for p in range(2)]
+  for step in range(5):
+    assert parts[0][step]['image'].shape[0] == 3
+    for key in ('image', 'label'):
+      joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+      np.testing.assert_array_equal(joined, single[step][key])
+
+
+def test_random_flip_flips_image_and_label_together():
+  config = data_config('/unused', image_size=(4, 6), random_flip=True)
+
+  class Ramp(IndexSource):
+
+    def __getitem__(self, i):
+      image = np.broadcast_to(np.arange(6, dtype=np.uint8)[None, :, None] * 40, (4, 6, 3))
+      return {'image': image.copy(), 'label': np.arange(6, dtype=np.uint8)[None, :, None]
+              .repeat(4, 0), 'file_name': b''}
+
+  batches = take(input_pipeline.train_iterator(Ramp(8), config, global_batch_size=8, seed=0), 2)
+  rows = np.concatenate([b['label'][:, 0] for b in batches])
+  flipped = rows[:, 0] == 5
+  assert 0 < flipped.sum() < len(flipped)
+  images = np.concatenate([b['image'][:, 0, :, 0] for b in batches])
+  np.testing.assert_allclose(images, (rows * 40) / 127.5 - 1, atol=1e-6)
+
+
+# --- evaluation batches -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_eval_batches_cover_every_example_once(process_count):
+  config = data_config('/unused', eval_resize=False)
+  source = IndexSource(10, height=8, width=40)
+  per_process = [list(input_pipeline.eval_batches(source, config, global_batch_size=4,
+                                                  process_index=p, process_count=process_count))
+                 for p in range(process_count)]
+  assert all(len(batches) == 3 for batches in per_process)
+  seen = []
+  for step in range(3):
+    batch = {k: np.concatenate([b[step][k] for b in per_process]) for k in per_process[0][step]}
+    assert batch['image'].shape == (4, 32, 64, 3) and batch['label'].shape == (4, 32, 64)
+    for k in range(4):
+      if batch['valid'][k]:
+        i = batch['index'][k]
+        seen.append(int(i))
+        assert example_ids({'image': batch['image'][k:k + 1]}) == [i]
+        assert (batch['label'][k, :8, :40] == i % 12).all()
+        assert (batch['label'][k, 8:] == -1).all() and (batch['label'][k, :, 40:] == -1).all()
+      else:
+        assert batch['index'][k] == -1 and (batch['label'][k] == -1).all()
+  assert seen == list(range(10))
+  assert per_process[-1][2]['valid'].sum() == (2 if process_count == 1 else 0)
+
+
+def test_eval_batches_resized(tmp_path, scenes):
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(scenes),
+                       image_size=(16, 16), eval_resize=True)
+  sources, _ = input_pipeline.load_sources(config)
+  batches = list(input_pipeline.eval_batches(sources['test'], config, global_batch_size=2))
+  assert [b['valid'].tolist() for b in batches] == [[True, True], [True, False]]
+  assert batches[1]['image'].shape == (2, 16, 16, 3)
+  assert (batches[1]['label'][1] == -1).all() and batches[1]['label'][0].min() >= 0
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def broken_copy(tmp_path, scenes, name):
+  folder = tmp_path / name
+  shutil.copytree(scenes, folder)
+  return folder
+
+
+def build(tmp_path, folder):
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(folder))
+  return input_pipeline.load_sources(config)
+
+
+def test_missing_or_empty_folder(tmp_path):
+  with pytest.raises(DataError, match='nowhere'):
+    build(tmp_path, tmp_path / 'nowhere')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(DataError, match='empty'):
+    build(tmp_path, tmp_path / 'empty')
+  (tmp_path / 'other' / 'stuff').mkdir(parents=True)
+  with pytest.raises(DataError, match='no CamVid layout'):
+    build(tmp_path, tmp_path / 'other')
+
+
+def test_image_without_label(tmp_path, scenes):
+  folder = broken_copy(tmp_path, scenes, 'a')
+  (folder / 'valannot' / 'synth_val_00002.png').unlink()
+  with pytest.raises(DataError, match=r'synth_val_00002\.png.*no label'):
+    build(tmp_path, folder)
+
+
+def test_label_without_image(tmp_path, scenes):
+  folder = broken_copy(tmp_path, scenes, 'a')
+  (folder / 'test' / 'synth_test_00001.png').unlink()
+  with pytest.raises(DataError, match=r'synth_test_00001\.png.*no image'):
+    build(tmp_path, folder)
+
+
+def test_size_mismatch(tmp_path, scenes):
+  folder = broken_copy(tmp_path, scenes, 'a')
+  cv2.imwrite(os.fspath(folder / 'trainannot' / 'synth_train_00003.png'),
+              np.zeros((20, 32), np.uint8))
+  with pytest.raises(DataError, match=r'synth_train_00003\.png.*size'):
+    build(tmp_path, folder)
+
+
+def test_label_value_out_of_range(tmp_path, scenes):
+  folder = broken_copy(tmp_path, scenes, 'a')
+  label = np.zeros((24, 32), np.uint8)
+  label[3, 4] = 200
+  cv2.imwrite(os.fspath(folder / 'trainannot' / 'synth_train_00005.png'), label)
+  with pytest.raises(DataError, match=r'synth_train_00005\.png.*200'):
+    build(tmp_path, folder)
+
+
+def test_colour_label(tmp_path, scenes):
+  folder = broken_copy(tmp_path, scenes, 'a')
+  label = camvid.COLORS[np.arange(24 * 32).reshape(24, 32) % 12]
+  cv2.imwrite(os.fspath(folder / 'valannot' / 'synth_val_00000.png'), label)
+  with pytest.raises(DataError, match=r'synth_val_00000\.png.*RGB'):
+    build(tmp_path, folder)
+
+
+@pytest.mark.parametrize('content', [b'', b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00'])
+def test_corrupt_image(tmp_path, scenes, content):
+  folder = broken_copy(tmp_path, scenes, 'a')
+  (folder / 'train' / 'synth_train_00007.png').write_bytes(content)
+  with pytest.raises(DataError, match=r'synth_train_00007\.png.*cannot decode'):
+    build(tmp_path, folder)
+
+
+# --- the real data set --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CAMVID.is_dir(), reason=f'{SHARED_CAMVID} not present')
+def test_real_camvid(tmp_path):
+  config = test_config.get_config().data
+  config.update(name='camvid', manual_dir=os.fspath(SHARED_CAMVID), cache_dir=os.fspath(tmp_path),
+                image_size=(288, 384), eval_resize=False)
+  sources, info = input_pipeline.load_sources(config)
+  assert info.num_examples == {'train': 367, 'val': 101, 'test': 233}
+  example = sources['test'][0]
+  assert example['image'].shape == (360, 480, 3) and example['label'].shape == (360, 480, 1)
+  assert example['label'].max() <= 11
+  batch = next(input_pipeline.eval_batches(sources['val'], config, global_batch_size=2))
+  assert batch['image'].shape == (2, 384, 480, 3) and (batch['label'][:, 360:] == -1).all()
+  batch = next(input_pipeline.train_iterator(sources['train'], config, global_batch_size=2, seed=0))
+  assert batch['image'].shape == (2, 288, 384, 3)

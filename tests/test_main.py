@@ -1,0 +1,78 @@
+"""End to end: main.py trains, checkpoints, resumes and evaluates on the tiny config."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_env
+
+
+def _main(workdir, cache, *args, timeout=600):
+  cmd = [sys.executable, 'main.py', '--config=configs/test.py', f'--workdir={workdir}',
+         f'--config.data.cache_dir={cache}', *args]
+  return subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.slow
+def test_train_resume_evaluate(tmp_path):
+  workdir, cache = tmp_path / 'run', tmp_path / 'cache'
+  first = _main(workdir, cache, '--config.num_epochs=1')
+  assert first.returncode == 0, first.stderr[-3000:]
+  history = json.loads((workdir / 'history.json').read_text())
+  assert [r['epoch'] for r in history] == [1]
+  assert os.listdir(workdir / 'checkpoints') == ['4']  # 16 images / batch 4.
+  assert any(f.startswith('events') for f in os.listdir(workdir / 'tensorboard'))
+  assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 4
+
+  second = _main(workdir, cache, '--config.num_epochs=3')
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'Resumed from step 4 (epoch 1)' in second.stderr
+  history = json.loads((workdir / 'history.json').read_text())
+  assert [r['epoch'] for r in history] == [1, 2, 3]
+  assert [r['step'] for r in history] == [4, 8, 12]
+  assert all(r['train_loss'] > 0 and 0 <= r['val_miou'] <= 1 for r in history)
+
+  done = _main(workdir, cache, '--config.num_epochs=3')  # Nothing left to do.
+  assert done.returncode == 0 and 'epoch 4' not in done.stderr
+
+  ev = _main(workdir, cache, '--mode=evaluate', '--config.eval.checkpoint=latest')
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  scores = json.loads((workdir / 'eval' / 'test.json').read_text())
+  assert {'miou', 'pixel_accuracy', 'per_class', 'mean_class_accuracy'} <= set(scores)
+  assert [r['name'] for r in scores['per_class']][:2] == ['Sky', 'Building']
+  assert len(scores['per_class']) == 11
+  assert all({'name', 'tp', 'fp', 'fn', 'iou'} <= set(r) for r in scores['per_class'])
+  assert 'mean IoU' in ev.stdout and 'Sky' in ev.stdout
+  total = sum(r['tp'] + r['fn'] for r in scores['per_class'])
+  assert total == sum(map(sum, scores['confusion_matrix']))
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.data.no_such_key=3', timeout=120)
+  assert out.returncode != 0
+  assert 'no_such_key' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_wrong_type_is_one_line(tmp_path):
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.batch_size=eight', timeout=120)
+  assert out.returncode != 0
+  assert 'batch_size' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_missing_data_folder_is_one_line(tmp_path):
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.data.name=camvid',
+              f'--config.data.manual_dir={tmp_path}/nowhere', timeout=120)
+  assert out.returncode == 1
+  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1 and 'nowhere' in err[0] and 'Traceback' not in out.stderr
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not os.listdir(
+      tmp_path / 'run' / 'checkpoints')
+
+
+def test_evaluate_without_checkpoint_is_one_line(tmp_path):
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--mode=evaluate', timeout=300)
+  assert out.returncode == 1 and 'no checkpoint' in out.stderr and 'Traceback' not in out.stderr
