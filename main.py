@@ -27,5 +27,20 @@ def main(argv):
   return cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, verbose=FLAGS.verbose)
 
 
+def parse_flags(argv):
+  """absl's parsing, with config mistakes (unknown key, wrong type) as one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+  except (KeyError, AttributeError) as e:
+    key = str(e).strip('"\'')
+    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and key in a]
+    sys.exit(f'error: unknown config key {" ".join(bad) or key!r} (see the config file for the '
+             'fields it has)')
+  except (TypeError, ValueError) as e:
+    sys.exit(f'error: bad config value: {e}')
+
+
 if __name__ == '__main__':
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=parse_flags))

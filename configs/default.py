@@ -75,4 +75,7 @@ def get_config():
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'test'
   config.eval.checkpoint = 'best'  # 'best' or 'latest'.
+  # Scored at native resolution either way: 'resize' predicts on a copy resized to image_size and
+  # resizes the logits back; 'native' predicts on the native image padded to a multiple of 32.
+  config.eval.input = 'resize'
   return config

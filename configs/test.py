@@ -20,4 +20,5 @@ def get_config():
   config.model.widths = (4, 8, 8, 16, 16)
   config.model.head_width = 32
   config.early_stopping.patience = 0
+  config.eval.input = 'native'
   return config

@@ -78,23 +78,25 @@ def trained_state(config, workdir: str):
 def evaluate(config, workdir: str) -> dict:
   """Evaluates config.eval.split; prints the per-class table and writes eval/<split>.json."""
   split = config.eval.split
+  if config.eval.input not in ('resize', 'native'):
+    raise train.RunError(f"config.eval.input must be 'resize' or 'native', got {config.eval.input!r}")
   sources, info = input_pipeline.load_sources(config.data)
   if split not in sources:
     raise train.RunError(f'config.eval.split={split!r}: the data has splits {sorted(sources)}')
   _, state, mesh, origin = trained_state(config, workdir)
   train.check_batch_sizes(config, mesh)
-  config_eval = config.copy_and_resolve_references()
-  stepper = train.Stepper(config_eval, mesh, train.class_weights(config))
+  stepper = train.Stepper(config, mesh, train.class_weights(config))
   batches = input_pipeline.eval_batches(
       sources[split], config.data, global_batch_size=config.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      resize=config.eval.input == 'resize', native_labels=config.eval.input == 'resize')
   scores = train.evaluate_split(stepper, stepper.to_step_state(state), batches)
   cm = scores.pop('confusion')
   names = list(info.class_names)[:train.num_outputs(config)]
   scores.update(metrics.scores_from_confusion(cm, names))
   scores.update({'split': split, 'num_images': len(sources[split]), 'checkpoint': origin,
                  'confusion_matrix': cm.tolist(), 'class_names': names})
-  print(f'{split}: {len(sources[split])} images, {origin}')
+  print(f'{split}: {len(sources[split])} images at native resolution ({config.eval.input}), {origin}')
   print(metrics.format_table(scores))
   if jax.process_index() == 0:
     out_dir = os.path.join(os.path.abspath(workdir), 'eval')

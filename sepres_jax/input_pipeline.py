@@ -294,13 +294,16 @@ def _round_up(x, multiple):
 class _EvalBatch:
   """Global batch number -> this process's slice, padded (label -1) to equal shapes."""
 
-  def __init__(self, source, data_config, local_batch, process_index, global_batch_size):
+  def __init__(self, source, data_config, local_batch, process_index, global_batch_size,
+               resize=None, native_labels=False):
+    self.native_labels = native_labels
     self.source = source
     self.data_config = data_config
     self.local_batch = local_batch
     self.process_index = process_index
     self.global_batch_size = global_batch_size
-    self.size = tuple(int(s) for s in data_config.image_size) if data_config.eval_resize else None
+    resize = data_config.eval_resize if resize is None else resize
+    self.size = tuple(int(s) for s in data_config.image_size) if resize else None
     # A shape for every batch, even a process slice made only of padding: the first example's.
     if self.size is not None:
       self.reference_hw = self.size
@@ -308,6 +311,7 @@ class _EvalBatch:
       self.reference_hw = tuple(source[0]['image'].shape[:2])
     else:
       self.reference_hw = (0, 0)
+    self.native_hw = tuple(source[0]['label'].shape[:2]) if len(source) else (0, 0)
 
   def __call__(self, batch_number):
     start = batch_number * self.global_batch_size + self.process_index * self.local_batch
@@ -317,14 +321,20 @@ class _EvalBatch:
     for i in indices[valid]:
       example = self.source[int(i)]
       images.append(preprocess_image(example['image'], self.data_config, self.size))
-      labels.append(preprocess_label(example['label'], self.size))
+      labels.append(preprocess_label(example['label'], None if self.native_labels else self.size))
     height = max([self.reference_hw[0]] + [im.shape[0] for im in images])
     width = max([self.reference_hw[1]] + [im.shape[1] for im in images])
     if self.size is None:
       height, width = _round_up(height, PAD_MULTIPLE), _round_up(width, PAD_MULTIPLE)
+    label_hw = (height, width)
+    if self.native_labels:
+      label_hw = self.native_hw
+      if any(l.shape != label_hw for l in labels):
+        raise DataError(f'eval.input=resize needs one image size per split: '
+                        f'{[l.shape for l in labels]} vs {label_hw}; use eval.input=native')
     channels = 6 if self.data_config.lab else 3
     image_batch = np.zeros((self.local_batch, height, width, channels), np.float32)
-    label_batch = np.full((self.local_batch, height, width), -1, np.int32)
+    label_batch = np.full((self.local_batch, *label_hw), -1, np.int32)
     for k, (image, label) in enumerate(zip(images, labels)):  # Valid examples come first.
       image_batch[k, :image.shape[0], :image.shape[1]] = image
       label_batch[k, :label.shape[0], :label.shape[1]] = label
@@ -332,16 +342,20 @@ class _EvalBatch:
             'index': np.where(valid, indices, -1).astype(np.int32)}
 
 
-def eval_batches(source, data_config, *, global_batch_size, process_index=0, process_count=1):
+def eval_batches(source, data_config, *, global_batch_size, process_index=0, process_count=1,
+                 resize=None, native_labels=False):
   """Finite iterator over the whole split in order, the last global batch padded.
 
-  Native resolution (padded bottom/right to a multiple of 32) unless data.eval_resize. Padded
+  Native resolution (padded bottom/right to a multiple of 32) unless `resize` (default:
+  data.eval_resize) resizes images to data.image_size; `native_labels` then keeps the labels at
+  the native size, for scoring logits resized back (all images of the split one size). Padded
   pixels and padded examples have label -1; `valid` marks real examples, `index` their position in
   the source (-1 for padding). Padded image pixels are 0.
   """
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   num_batches = math.ceil(len(source) / global_batch_size)
   ds = (grain.MapDataset.range(num_batches)
-        .map(_EvalBatch(source, data_config, local_batch, process_index, global_batch_size))
+        .map(_EvalBatch(source, data_config, local_batch, process_index, global_batch_size,
+                        resize, native_labels))
         .to_iter_dataset(_read_options(data_config)))
   return iter(ds)

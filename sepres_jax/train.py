@@ -127,9 +127,16 @@ def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float
 
 
 def eval_step(state: TrainState, batch, *, weights=None, axis_name: Optional[str] = None):
-  """Loss sums and the confusion matrix of one batch (padding labelled -1 never counts)."""
+  """Loss sums and the confusion matrix of one batch (padding labelled -1 never counts).
+
+  Labels of another size than the images (native labels of resized images) are scored against
+  the logits resized bilinearly to the labels' size.
+  """
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                           batch['image'], train=False)
+  label_hw = batch['label'].shape[1:3]
+  if logits.shape[1:3] != label_hw:
+    logits = jax.image.resize(logits, (logits.shape[0], *label_hw, logits.shape[-1]), 'bilinear')
   loss_sum, weight = metrics.cross_entropy(logits, batch['label'], weights)
   cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch['label'], logits.shape[-1])
   out = {'loss_sum': loss_sum, 'weight': weight, 'confusion': cm}

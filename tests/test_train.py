@@ -92,3 +92,14 @@ def test_plateau_and_early_stopping(tiny_config):
   restored = train.EpochRules(c)
   restored.load_state_dict(rules.state_dict())
   assert restored.state_dict() == rules.state_dict()
+
+
+def test_eval_step_scores_resized_logits_at_label_size(tiny_config):
+  mesh = train.make_mesh()
+  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
+  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
+  stepper = train.Stepper(tiny_config, mesh, None)
+  raw = _batch(tiny_config, 4)
+  native = np.random.default_rng(1).integers(0, 12, (4, 90, 120)).astype(np.int32)
+  scores = train.evaluate_split(stepper, state, [{'image': raw['image'], 'label': native}])
+  assert scores['confusion'].sum() == np.sum(native < 11)
