@@ -22,13 +22,7 @@ def run(mode: str, config, workdir: str, verbose: bool = False) -> int:
   if not verbose:
     logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    if mode == 'train':
-      train.train_and_evaluate(config, workdir)
-    elif mode == 'evaluate':
-      from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
-      evaluate.evaluate(config, workdir)
-    else:
-      raise train.RunError(f'unknown mode {mode!r}')
+    return _dispatch(mode, config, workdir) or 0
   except USER_ERRORS as e:
     if verbose:
       raise
@@ -36,4 +30,27 @@ def run(mode: str, config, workdir: str, verbose: bool = False) -> int:
     print(f'error: {msg}', file=sys.stderr)
     logging.flush()
     return 1
-  return 0
+
+
+def _dispatch(mode, config, workdir):
+  """Each mode lives in its own module, imported only when used."""
+  # pylint: disable=g-import-not-at-top
+  if mode == 'train':
+    train.train_and_evaluate(config, workdir)
+  elif mode == 'evaluate':
+    from sepres_jax import evaluate
+    evaluate.evaluate(config, workdir)
+  elif mode == 'visualize':
+    from sepres_jax import visualize
+    return visualize.visualize(config, workdir)
+  elif mode == 'predict':
+    from sepres_jax import predict
+    return predict.predict(config, workdir)
+  elif mode == 'summary':
+    from sepres_jax import summary
+    return summary.summary(config)
+  elif mode == 'benchmark':
+    from sepres_jax import benchmark
+    return benchmark.benchmark(config)
+  else:
+    raise train.RunError(f'unknown mode {mode!r}')
