@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sepres_jax import drawing as visualize as vis
+from sepres_jax import drawing as vis
 
 # CamVid palette and names (shared/data/README.md), hard-coded so the test stands alone.
 NAMES = ['Sky', 'Building', 'Pole', 'Road', 'Sidewalk', 'Tree', 'SignSymbol', 'Fence',
