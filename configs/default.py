@@ -71,6 +71,11 @@ def get_config():
   config.early_stopping.patience = 15  # Epochs without improvement; 0 disables.
   config.best_metric = 'val_miou'  # The 'best' checkpoint maximises (or minimises *_loss) this.
 
+  # --mode=benchmark.
+  config.benchmark = ml_collections.ConfigDict()
+  config.benchmark.repeats = 5  # Timed steps after warm-up (the median is reported).
+  config.benchmark.infer_size = (384, 480)  # CamVid's 360x480 padded to a multiple of 32.
+
   # Evaluation.
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'test'
@@ -78,4 +83,21 @@ def get_config():
   # Scored at native resolution either way: 'resize' predicts on a copy resized to image_size and
   # resizes the logits back; 'native' predicts on the native image padded to a multiple of 32.
   config.eval.input = 'resize'
+  config.eval.num_panels = 6  # Image / prediction / truth panels drawn by --mode=evaluate (0: none).
+  config.eval.worst_first = True  # Panels of the lowest-mIoU images first (else the split's first).
+
+  # Pictures (--mode=visualize, and during training).
+  config.visualize = ml_collections.ConfigDict()
+  config.visualize.what = 'all'  # 'all' (data, + curves if history.json exists), 'data', 'curves'.
+  config.visualize.split = 'train'  # Split whose images, labels and class frequencies are drawn.
+  config.visualize.num_images = 4  # Images drawn (class masks, label panel, resize comparison).
+  config.visualize.num_tensorboard_images = 3  # Fixed val images + predictions in TensorBoard.
+
+  # Prediction on any images (--mode=predict).
+  config.predict = ml_collections.ConfigDict()
+  config.predict.input = ''  # An image, a folder (its image files) or a glob.
+  config.predict.output = ''  # Output folder; '' writes into <workdir>/predictions.
+  config.predict.resize = ''  # 'resize' (image_size, and back), 'native' (pad to /32), '': eval.input.
+  config.predict.batch_size = 4  # Images per forward pass (of one size).
+  config.predict.alpha = 0.5  # Opacity of the class colours in <stem>_overlay.png.
   return config

@@ -1,0 +1,119 @@
+"""--mode=benchmark: training and inference speed on random data at the config's shapes.
+
+Prints a few human lines and, last, one JSON line with train_images_per_sec (at config.batch_size),
+infer_images_per_sec (config.benchmark.infer_size, batch config.eval_batch_size), compile times,
+peak_rss_mb, the model's FLOPs per training image from XLA's cost analysis, and the achieved FLOP/s
+as a fraction of a large float32 matrix product's FLOP/s measured in the same process.
+"""
+
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sepres_jax import models
+from sepres_jax import train
+
+
+def _timed(fn, *args, repeats):
+  """Median seconds of `repeats` calls of fn(*args) (results blocked on), after one warm-up."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def matmul_flops_per_sec(n: int = 4096, repeats: int = 5) -> float:
+  """The hardware's practical float32 limit: an n x n matrix product under jit."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  return 2 * n ** 3 / _timed(jax.jit(jnp.matmul), a, b, repeats=repeats)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB.
+
+
+def benchmark(config) -> int:
+  b = config.batch_size
+  repeats = config.benchmark.repeats
+  mesh = train.make_mesh()
+  train.check_batch_sizes(config, mesh)
+  model = models.create_model(config, train.num_outputs(config))
+  state = train.create_train_state(config, model, jax.random.key(0), mesh)
+  stepper = train.Stepper(config.copy_and_resolve_references(), mesh, None)
+  if config.parallelism != 'jit':
+    raise train.RunError('the benchmark measures parallelism=jit')
+
+  rng = np.random.default_rng(0)
+  shape = train.input_shape(config, b)
+  batch = stepper.batch({
+      'image': rng.uniform(-1, 1, shape).astype(np.float32),
+      'label': rng.integers(0, train.num_outputs(config), shape[:3]).astype(np.int32)})
+
+  # --- Training: compile, then time the donated step on a fixed batch ---------------------
+  t = time.perf_counter()
+  compiled = stepper.train.lower(state, batch).compile()
+  train_compile = time.perf_counter() - t
+  flops_per_image = _flops(compiled) / b
+  holder = {'state': state}
+
+  def step(batch):
+    holder['state'], out = compiled(holder['state'], batch)
+    return out
+
+  train_time = _timed(step, batch, repeats=repeats)
+  train_ips = b / train_time
+
+  # --- Inference at the evaluation size --------------------------------------------------
+  ih, iw = config.benchmark.infer_size
+  eb = config.eval_batch_size
+  images = jax.device_put(rng.uniform(-1, 1, (eb, ih, iw, shape[-1])).astype(np.float32),
+                          stepper.data_sharding)
+  st = holder['state']
+  infer = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1))
+  variables = {'params': st.params, 'batch_stats': st.batch_stats}
+  t = time.perf_counter()
+  infer_compiled = infer.lower(variables, images).compile()
+  infer_compile = time.perf_counter() - t
+  infer_ips = eb / _timed(infer_compiled, variables, images, repeats=repeats)
+
+  # --- The hardware's limit, in the same process ------------------------------------------
+  peak = matmul_flops_per_sec()
+  achieved = flops_per_image * train_ips
+  result = {
+      'backend': jax.default_backend(), 'devices': jax.device_count(),
+      'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
+      'impl': model.impl, 'dtype': config.dtype, 'batch_size': b,
+      'image_size': list(config.data.image_size), 'infer_size': [ih, iw], 'infer_batch': eb,
+      'train_images_per_sec': round(train_ips, 2),
+      'train_step_sec': round(train_time, 4),
+      'infer_images_per_sec': round(infer_ips, 2),
+      'train_compile_sec': round(train_compile, 2),
+      'infer_compile_sec': round(infer_compile, 2),
+      'train_gflops_per_image': round(flops_per_image / 1e9, 3),
+      'achieved_gflops_per_sec': round(achieved / 1e9, 1),
+      'matmul_gflops_per_sec': round(peak / 1e9, 1),
+      'flops_fraction_of_matmul': round(achieved / peak, 4),
+      'peak_rss_mb': round(_peak_rss_mb(), 1),
+  }
+  print(f"train: {train_ips:.1f} images/s at batch {b} {tuple(config.data.image_size)} "
+        f"({flops_per_image / 1e9:.2f} GFLOP/image, {achieved / 1e9:.0f} GFLOP/s = "
+        f"{100 * achieved / peak:.0f}% of a {peak / 1e9:.0f} GFLOP/s matmul)")
+  print(f"infer: {infer_ips:.1f} images/s at batch {eb} {ih}x{iw}; compile train "
+        f"{train_compile:.1f}s, infer {infer_compile:.1f}s; peak RSS {_peak_rss_mb():.0f} MB")
+  print(json.dumps(result))
+  return 0
