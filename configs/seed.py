@@ -27,4 +27,5 @@ def get_config():
   config.early_stopping.monitor = 'val_loss'
   config.early_stopping.patience = 10
   config.best_metric = 'val_accuracy'
+  config.model.bn_momentum = 0.99  # Keras' BatchNormalization default.
   return config

@@ -44,17 +44,21 @@ def confusion_matrix(preds, labels, num_classes: int):
   return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
 
 
-def scores_from_confusion(cm, class_names: Optional[Sequence[str]] = None) -> dict:
+def scores_from_confusion(cm, class_names: Optional[Sequence[str]] = None,
+                          num_scored: Optional[int] = None) -> dict:
   """IoU per class (TP / (TP + FP + FN)), mean IoU, pixel accuracy and mean class accuracy.
 
+  `num_scored` < cm's size scores only the first classes: pixels whose true class is beyond them
+  (void learned as a class) are left out, and predicting such a class is a miss (an FN).
   Classes absent from both labels and predictions have IoU NaN and are left out of the means.
   """
   cm = np.asarray(cm, dtype=np.int64)
-  k = cm.shape[0]
+  k = cm.shape[0] if num_scored is None else num_scored
   names = list(class_names or [str(i) for i in range(k)])[:k]
-  tp = np.diag(cm)
-  fp = cm.sum(axis=0) - tp
-  fn = cm.sum(axis=1) - tp
+  tp = np.diag(cm)[:k]
+  fp = cm[:k, :k].sum(axis=0) - tp
+  fn = cm[:k].sum(axis=1) - tp
+  cm = cm[:k]
   with np.errstate(invalid='ignore', divide='ignore'):
     iou = tp / (tp + fp + fn)
     class_acc = tp / (tp + fn)

@@ -76,3 +76,16 @@ def test_format_table_lists_every_class():
   s = metrics.scores_from_confusion(np.array([[3, 1], [0, 4]]), ['road', 'sky'])
   table = metrics.format_table(s)
   assert 'road' in table and 'sky' in table and 'mean IoU 77.50' in table
+
+
+def test_void_learned_as_a_class_is_left_out_of_the_scores():
+  # 3 real classes + void (index 3) as a 4th output.
+  cm = np.array([[5, 0, 0, 1],   # one class-0 pixel predicted as void: a miss
+                 [0, 4, 0, 0],
+                 [0, 1, 3, 0],
+                 [2, 0, 0, 9]])  # void pixels: not scored at all
+  s = metrics.scores_from_confusion(cm, ['a', 'b', 'c', 'void'], num_scored=3)
+  assert [r['name'] for r in s['per_class']] == ['a', 'b', 'c']
+  assert [(r['tp'], r['fp'], r['fn']) for r in s['per_class']] == [(5, 0, 1), (4, 1, 0), (3, 0, 1)]
+  assert s['pixel_accuracy'] == 12 / 14
+  assert s['miou'] == pytest.approx((5 / 6 + 4 / 5 + 3 / 4) / 3)
