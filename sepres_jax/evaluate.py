@@ -2,13 +2,19 @@
 
 Scores come from one confusion matrix summed over the whole split, at the images' native
 resolution (padded to a multiple of 32, the padding never counted) unless `data.eval_resize`.
+Pictures go into eval/<split>/: iou.png, confusion_matrix.png, and panels.png (image /
+prediction / truth) of `eval.num_panels` images, the lowest per-image mIoU first with
+`eval.worst_first` (from per-image confusion matrices of the same pass).
 """
 
+import functools
 import json
 import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -17,6 +23,7 @@ from sepres_jax import input_pipeline
 from sepres_jax import metrics
 from sepres_jax import models
 from sepres_jax import train
+from sepres_jax import visualize
 
 WEIGHTS_DIR = 'weights'  # pretrained/<name>/weights: an orbax checkpoint of params + batch_stats.
 
@@ -85,17 +92,28 @@ def evaluate(config, workdir: str) -> dict:
     raise train.RunError(f'config.eval.split={split!r}: the data has splits {sorted(sources)}')
   _, state, mesh, origin = trained_state(config, workdir)
   train.check_batch_sizes(config, mesh)
-  stepper = train.Stepper(config, mesh, train.class_weights(config))
   batches = input_pipeline.eval_batches(
       sources[split], config.data, global_batch_size=config.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       resize=config.eval.input == 'resize', native_labels=config.eval.input == 'resize')
-  scores = train.evaluate_split(stepper, stepper.to_step_state(state), batches)
-  cm = scores.pop('confusion')
-  names = list(info.class_names)[:train.num_outputs(config)]
-  scores.update(metrics.scores_from_confusion(cm, names))
+  picker = visualize.PanelPicker(config.eval.get('num_panels', 0),
+                                 config.eval.get('worst_first', True))
+  loss_sum, weight, cm = 0.0, 0.0, None
+  for batch, sums, per_example in eval_pass(state, mesh, batches, train.class_weights(config)):
+    loss_sum += float(sums['loss_sum'])
+    weight += float(sums['weight'])
+    cm = sums['confusion'].astype(np.int64) if cm is None else cm + sums['confusion']
+    for k in np.flatnonzero(batch['valid']):  # This process's examples; -1 labels never count.
+      image_miou = metrics.scores_from_confusion(per_example['confusion'][k])['miou']
+      picker.offer(image_miou, int(batch['index'][k]), per_example['pred'][k])
+  scored = config.data.num_classes if config.eval.ignore_void else train.num_outputs(config)
+  names = list(info.class_names)[:scored]
+  scores = metrics.scores_from_confusion(cm, names, scored)
+  scores['loss'] = loss_sum / max(weight, 1.0)
   scores.update({'split': split, 'num_images': len(sources[split]), 'checkpoint': origin,
                  'confusion_matrix': cm.tolist(), 'class_names': names})
+  picked = picker.picked()
+  scores['panels'] = [{'index': i, 'miou': m} for m, i, _ in picked]
   print(f'{split}: {len(sources[split])} images at native resolution ({config.eval.input}), {origin}')
   print(metrics.format_table(scores))
   if jax.process_index() == 0:
@@ -104,7 +122,53 @@ def evaluate(config, workdir: str) -> dict:
     with open(os.path.join(out_dir, f'{split}.json'), 'w') as f:
       json.dump(scores, f, indent=1, default=_json_default)
     logging.info('Wrote %s', os.path.join(out_dir, f'{split}.json'))
+    pictures = visualize.evaluation_pictures(os.path.join(out_dir, split), scores, cm, info,
+                                             picked, sources[split])
+    print(f'wrote {len(pictures)} pictures into {os.path.join(out_dir, split)}')
   return scores
+
+
+def eval_step_per_example(state, batch, *, weights=None):
+  """train.eval_step's sums, plus each example's predicted classes and confusion matrix.
+
+  Per-example confusion matrices give per-image scores (worst images first) in the same pass.
+  """
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          batch['image'], train=False)
+  label_hw = batch['label'].shape[1:3]
+  if logits.shape[1:3] != label_hw:  # Native labels of resized images, as train.eval_step.
+    logits = jax.image.resize(logits, (logits.shape[0], *label_hw, logits.shape[-1]), 'bilinear')
+  k = logits.shape[-1]
+  loss_sum, weight = metrics.cross_entropy(logits, batch['label'], weights)
+  preds = jnp.argmax(logits, -1)
+  cms = jax.vmap(lambda p, l: metrics.confusion_matrix(p, l, k))(preds, batch['label'])
+  sums = {'loss_sum': loss_sum, 'weight': weight, 'confusion': cms.sum(0)}
+  return sums, {'pred': preds.astype(jnp.uint8 if k <= 256 else jnp.int32), 'confusion': cms}
+
+
+def eval_pass(state, mesh, batches, weights=None):
+  """Yields (host batch, summed metrics, this process's per-example outputs) for every batch.
+
+  Runs under jit over `mesh` whatever config.parallelism (the state is replicated either way).
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  w = None if weights is None else jnp.asarray(weights)
+  step = jax.jit(functools.partial(eval_step_per_example, weights=w),
+                 out_shardings=(replicated, data))
+  for batch in batches:
+    device_batch = {k: jax.make_array_from_process_local_data(data, batch[k])
+                    for k in ('image', 'label')}
+    sums, per_example = step(state, device_batch)
+    yield batch, jax.device_get(sums), jax.tree.map(lambda x: _process_local(x, mesh), per_example)
+
+
+def _process_local(x, mesh) -> np.ndarray:
+  """This process's rows of a batch-sharded array."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, mesh, jax.sharding.PartitionSpec('data')))
 
 
 def _json_default(x):

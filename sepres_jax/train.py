@@ -335,6 +335,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   writer = _create_writer(workdir) if is_main else None
+  pictures = None  # Fixed validation images with their predictions, in TensorBoard each epoch.
+  if is_main and config.get('visualize', {}).get('num_tensorboard_images', 0):
+    from sepres_jax import visualize  # pylint: disable=g-import-not-at-top
+    pictures = visualize.ValidationPictures(config, sources['val'], info, model.apply)
 
   # --- Epochs --------------------------------------------------------------------------------
   step = int(state.step)
@@ -414,6 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_miou',
                 'learning_rate', 'epoch_time'):
         writer.add_scalar(f'epoch/{k}', record[k], epoch)
+      if pictures:
+        pictures.write(writer, state, epoch)
       writer.flush()
     if stop:
       logging.info('Early stopping after epoch %d: %s has not improved for %d epochs', epoch,
@@ -424,6 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.close()
   if writer:
     writer.close()
+  if is_main:
+    from sepres_jax import visualize  # pylint: disable=g-import-not-at-top
+    visualize.training_curves(workdir)
   return record
 
 

@@ -1,0 +1,225 @@
+"""Prediction on any images: a file, a folder or a glob -> class ids, colours and overlays.
+
+Images of any size are either padded (bottom/right, with the value 0 that padding has in
+evaluation) to a multiple of 32 and the prediction cropped back ('native'), or resized to
+`data.image_size` with the logits resized back bilinearly to the input's size ('resize'), exactly
+as `--mode=evaluate` scores them, so a prediction here equals the evaluation path's argmax.
+Grey, RGB, RGBA (alpha dropped), palette and 16-bit PNGs, JPEGs (EXIF orientation applied) and
+anything else PIL reads are accepted. Per input `<stem>`, the output folder gets `<stem>.png`
+(class ids, uint8, the input's height and width), `<stem>_color.png` and `<stem>_overlay.png`.
+"""
+
+import glob
+import os
+import sys
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageOps
+
+from sepres_jax import drawing
+from sepres_jax import input_pipeline
+from sepres_jax import train
+from sepres_jax.data import camvid
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm')
+SKIPPED_STATUS = 3  # Exit status when some inputs could not be read (the others were predicted).
+
+
+class Forward:
+  """Jitted inference over this process's devices: float images -> logits or class ids.
+
+  The batch is split over the local devices when it divides evenly (else it runs replicated).
+  One compilation per input shape; `class_ids` resizes logits to `out_hw` in a second small jit.
+  """
+
+  def __init__(self, apply_fn, variables=None):
+    devices = np.asarray(jax.local_devices())
+    self.mesh = jax.sharding.Mesh(devices, ('data',))
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.data_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
+    self._logits = jax.jit(lambda v, x: apply_fn(v, x, train=False))
+    self._ids = jax.jit(_ids_at, static_argnums=1)
+    self.variables = None
+    if variables is not None:
+      self.load(variables)
+
+  def load(self, variables) -> None:
+    """Uses these {'params', 'batch_stats'} from now on (same shapes: no recompilation)."""
+    # The state may span processes: each process uses its own copy of the replicated arrays.
+    local = jax.tree.map(lambda x: x.addressable_data(0) if hasattr(x, 'addressable_data') else x,
+                         variables)
+    self.variables = jax.device_put(local, self.replicated)
+
+  def _put(self, images):
+    images = np.asarray(images, np.float32)
+    if images.shape[0] % self.mesh.devices.size == 0:
+      return jax.device_put(images, self.data_sharding)
+    return images
+
+  def logits(self, images):
+    """float32 [b, H, W, C] (H, W multiples of 32) -> device logits [b, H, W, classes]."""
+    return self._logits(self.variables, self._put(images))
+
+  def class_ids(self, logits, out_hw=None) -> np.ndarray:
+    """uint8 [b, h, w] argmax of logits, resized bilinearly to `out_hw` first when it differs."""
+    out_hw = tuple(logits.shape[1:3]) if out_hw is None else tuple(int(s) for s in out_hw)
+    return np.asarray(self._ids(logits, out_hw))
+
+
+def _ids_at(logits, out_hw):
+  if tuple(logits.shape[1:3]) != out_hw:  # As train.eval_step scores resized inputs.
+    logits = jax.image.resize(logits, (logits.shape[0], *out_hw, logits.shape[-1]), 'bilinear')
+  return jnp.argmax(logits, -1).astype(jnp.uint8)
+
+
+def pad_to_multiple(image, multiple: int = input_pipeline.PAD_MULTIPLE) -> np.ndarray:
+  """[h, w, C] -> [H, W, C] padded bottom/right with 0, H and W the next multiples."""
+  h, w = image.shape[:2]
+  ph, pw = -h % multiple, -w % multiple
+  return np.pad(image, ((0, ph), (0, pw), (0, 0))) if ph or pw else image
+
+
+def input_mode(config) -> str:
+  mode = config.predict.resize or config.eval.input
+  if mode not in ('resize', 'native'):
+    raise train.RunError(f"config.predict.resize must be 'resize', 'native' or '', got {mode!r}")
+  return mode
+
+
+def palette(config):
+  """(class names, colours) of CamVid's metadata: synthetic scenes share CamVid's classes."""
+  return camvid.CLASS_NAMES, np.asarray(camvid.COLORS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+# ---------------------------------------------------------------------------------------------
+
+def find_inputs(pattern: str) -> list[str]:
+  """An image file, a folder's image files (sorted, not recursive) or a glob's files."""
+  if not pattern:
+    raise train.RunError('set --config.predict.input=PATH (an image, a folder or a glob)')
+  path = os.path.expanduser(pattern)
+  if os.path.isfile(path):
+    return [path]
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if not f.startswith('.') and f.lower().endswith(IMAGE_SUFFIXES)
+                   and os.path.isfile(os.path.join(path, f)))
+    if not files:
+      raise train.RunError(f'{path}: no image files ({", ".join(IMAGE_SUFFIXES)}) in the folder')
+    return files
+  files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+  if not files:
+    raise train.RunError(f'{pattern}: no such image, folder or glob match')
+  return files
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """Any image PIL reads -> uint8 RGB [H, W, 3] as displayed (EXIF orientation applied)."""
+  with PILImage.open(path) as img:
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit / float grey: scale to 8 bits.
+      arr = np.asarray(img, np.float64)
+      top = arr.max() if arr.max() > 255 else 255.0
+      img = PILImage.fromarray(np.clip(arr * (255.0 / max(top, 1.0)), 0, 255).astype(np.uint8))
+    rgb = np.asarray(img.convert('RGB'), np.uint8)
+  if rgb.size == 0:
+    raise ValueError('empty image')
+  return rgb
+
+
+def output_stems(paths) -> list[str]:
+  """Output names: the file stems, numbered where two inputs share one."""
+  stems, seen = [], {}
+  for p in paths:
+    stem = os.path.splitext(os.path.basename(p))[0]
+    n = seen.get(stem, 0)
+    seen[stem] = n + 1
+    stems.append(stem if n == 0 else f'{stem}_{n + 1}')
+  return stems
+
+
+# ---------------------------------------------------------------------------------------------
+# The mode.
+# ---------------------------------------------------------------------------------------------
+
+def predict(config, workdir: str) -> int:
+  """--mode=predict: writes ids, colours and overlays; returns the exit status."""
+  mode = input_mode(config)
+  paths = find_inputs(config.predict.input)
+  out_dir = os.path.abspath(os.path.expanduser(
+      config.predict.output or os.path.join(workdir, 'predictions')))
+  batch_size = max(1, int(config.predict.batch_size))
+  from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+  _, state, _, origin = evaluate.trained_state(config, workdir)
+  forward = Forward(state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats})
+  _, colors = palette(config)
+  size = tuple(int(s) for s in config.data.image_size) if mode == 'resize' else None
+  os.makedirs(out_dir, exist_ok=True)
+  print(f'predicting {len(paths)} file(s) with the {origin}, input {mode}, into {out_dir}')
+
+  skipped, done = [], 0
+  pending = []  # (stem, rgb, model input) of one model input shape.
+  t0 = time.time()
+
+  def flush():
+    nonlocal done
+    if not pending:
+      return
+    x = np.zeros((batch_size, *pending[0][2].shape), np.float32)  # Full batches: one compile.
+    for k, (_, _, image) in enumerate(pending):
+      x[k] = image
+    logits = forward.logits(x)
+    if mode == 'native':
+      all_ids = forward.class_ids(logits)
+    for k, (stem, rgb, _) in enumerate(pending):
+      h, w = rgb.shape[:2]
+      # Native: crop the padding off; resize: logits back to this image's size, as evaluation.
+      if mode == 'native':
+        ids = all_ids[k, :h, :w]
+      else:
+        ids = forward.class_ids(logits[k:k + 1], (h, w))[0]
+      write_outputs(out_dir, stem, rgb, ids, colors, float(config.predict.alpha))
+    done += len(pending)
+    logging.info('predicted %d/%d images (%.1f images/s)', done + len(skipped), len(paths),
+                 done / max(time.time() - t0, 1e-9))
+    pending.clear()
+
+  for path, stem in zip(paths, output_stems(paths)):
+    try:
+      rgb = read_rgb(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # PIL raises many types for zero-byte, truncated and non-image files.
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      print(f'error: {path}: cannot read image, skipped ({reason})', file=sys.stderr)
+      skipped.append(path)
+      continue
+    image = input_pipeline.preprocess_image(rgb, config.data, size)
+    if mode == 'native':
+      image = pad_to_multiple(image)
+    if pending and (pending[0][2].shape != image.shape or len(pending) == batch_size):
+      flush()
+    pending.append((stem, rgb, image))
+  flush()
+
+  print(f'wrote {3 * done} files for {done} image(s) into {out_dir}'
+        + (f'; skipped {len(skipped)}: {", ".join(skipped)}' if skipped else ''))
+  if not done:
+    raise train.RunError(f'none of the {len(paths)} input file(s) could be read')
+  return SKIPPED_STATUS if skipped else 0
+
+
+def write_outputs(out_dir, stem, rgb, ids, colors, alpha=0.5) -> None:
+  """<stem>.png (class ids), <stem>_color.png (palette) and <stem>_overlay.png."""
+  ids = np.ascontiguousarray(ids, np.uint8)
+  PILImage.fromarray(ids, mode='L').save(os.path.join(out_dir, f'{stem}.png'))
+  PILImage.fromarray(drawing.colorize(ids, colors)).save(os.path.join(out_dir, f'{stem}_color.png'))
+  PILImage.fromarray(drawing.overlay(rgb, ids, colors, alpha)).save(
+      os.path.join(out_dir, f'{stem}_overlay.png'))
