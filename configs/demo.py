@@ -7,7 +7,7 @@ def get_config():
   config = default.get_config()
   config.batch_size = 8
   config.eval_batch_size = 8
-  config.num_epochs = 12
+  config.num_epochs = 20
   config.data.name = 'synthetic'
   config.data.image_size = (96, 128)
   config.data.eval_resize = False  # Native 120x160, padded to 128x160.

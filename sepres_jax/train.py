@@ -351,10 +351,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lr = config.learning_rate * rules.scale
     step_state = stepper.to_step_state(set_learning_rate(stepper.from_step_state(step_state), lr))
     sums = None  # Device-side sums of the epoch's step metrics: no host sync per step.
+    data_wait = 0.0  # Seconds the loop spent waiting for the input pipeline.
     t_epoch, t_log, n_log = time.time(), time.time(), 0
     start_in_epoch = step - epoch * steps_per_epoch
     for _ in range(start_in_epoch, steps_per_epoch):
-      step_state, out = stepper.train(step_state, stepper.batch(next(train_iter)))
+      t_data = time.perf_counter()
+      batch = next(train_iter)
+      data_wait += time.perf_counter() - t_data
+      step_state, out = stepper.train(step_state, stepper.batch(batch))
       summed = {k: out[k] for k in ('loss_sum', 'weight', 'correct', 'pixels')}
       sums = summed if sums is None else jax.tree.map(jnp.add, sums, summed)
       step += 1
@@ -396,6 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'val_loss': val['loss'], 'val_accuracy': val['pixel_accuracy'], 'val_miou': val['miou'],
         'val_mean_class_accuracy': val['mean_class_accuracy'],
         'epoch_time': time.time() - t_epoch, 'train_time': train_time,
+        'data_wait_fraction': data_wait / max(train_time, 1e-9),
     }
     if not np.isfinite(record['val_loss']):
       raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '
@@ -416,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
       _write_history(workdir, history)
       for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_miou',
-                'learning_rate', 'epoch_time'):
+                'learning_rate', 'epoch_time', 'data_wait_fraction'):
         writer.add_scalar(f'epoch/{k}', record[k], epoch)
       if pictures:
         pictures.write(writer, state, epoch)
