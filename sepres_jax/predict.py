@@ -91,11 +91,6 @@ def input_mode(config) -> str:
   return mode
 
 
-def palette(config):
-  """(class names, colours) of CamVid's metadata: synthetic scenes share CamVid's classes."""
-  return camvid.CLASS_NAMES, np.asarray(camvid.COLORS)
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs.
 # ---------------------------------------------------------------------------------------------
@@ -156,17 +151,30 @@ def predict(config, workdir: str) -> int:
   paths = find_inputs(config.predict.input)
   out_dir = os.path.abspath(os.path.expanduser(
       config.predict.output or os.path.join(workdir, 'predictions')))
-  batch_size = max(1, int(config.predict.batch_size))
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   _, state, _, origin = evaluate.trained_state(config, workdir)
   forward = Forward(state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats})
-  _, colors = palette(config)
-  size = tuple(int(s) for s in config.data.image_size) if mode == 'resize' else None
-  os.makedirs(out_dir, exist_ok=True)
   print(f'predicting {len(paths)} file(s) with the {origin}, input {mode}, into {out_dir}')
+  done, skipped = predict_files(config, forward, paths, out_dir)
+  print(f'wrote {3 * done} files for {done} image(s) into {out_dir}'
+        + (f'; skipped {len(skipped)}: {", ".join(skipped)}' if skipped else ''))
+  if not done:
+    raise train.RunError(f'none of the {len(paths)} input file(s) could be read')
+  return SKIPPED_STATUS if skipped else 0
 
+
+def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, list[str]]:
+  """Predicts `paths` in batches of one input shape; returns (images done, skipped paths).
+
+  An unreadable file is reported on stderr by name and skipped; the others are still predicted.
+  """
+  mode = input_mode(config)
+  size = tuple(int(s) for s in config.data.image_size) if mode == 'resize' else None
+  batch_size = max(1, int(config.predict.batch_size))
+  colors = np.asarray(camvid.COLORS)  # The dataset's palette: synthetic scenes share it.
+  os.makedirs(out_dir, exist_ok=True)
   skipped, done = [], 0
-  pending = []  # (stem, rgb, model input) of one model input shape.
+  pending = []  # (stem, rgb, model input), all of one model input shape.
   t0 = time.time()
 
   def flush():
@@ -208,12 +216,7 @@ def predict(config, workdir: str) -> int:
       flush()
     pending.append((stem, rgb, image))
   flush()
-
-  print(f'wrote {3 * done} files for {done} image(s) into {out_dir}'
-        + (f'; skipped {len(skipped)}: {", ".join(skipped)}' if skipped else ''))
-  if not done:
-    raise train.RunError(f'none of the {len(paths)} input file(s) could be read')
-  return SKIPPED_STATUS if skipped else 0
+  return done, skipped
 
 
 def write_outputs(out_dir, stem, rgb, ids, colors, alpha=0.5) -> None:

@@ -66,7 +66,7 @@ def test_predict_mixed_folder(trained, tmp_path, capsys):
     assert overlay.shape == (h, w, 3) and overlay.dtype == np.uint8
 
 
-@pytest.mark.parametrize('mode', ['native', 'resize'])
+@pytest.mark.parametrize('mode', ['native', pytest.param('resize', marks=pytest.mark.slow)])
 def test_prediction_equals_evaluation_path(trained, tmp_path, mode):
   """A training image predicted from its file == the evaluation pass's argmax for it."""
   config, workdir = trained
@@ -81,10 +81,10 @@ def test_prediction_equals_evaluation_path(trained, tmp_path, mode):
   k = 1
   name = source[int(batch['index'][k])]['file_name'].decode()
   [path] = glob.glob(os.path.join(config.data.cache_dir, 'synthetic-*', 'train', name))
-  config.predict.input = path
-  config.predict.output = str(tmp_path / 'out')
-  assert predict.predict(config, workdir) == 0
-  ids = np.asarray(Image.open(tmp_path / 'out' / (os.path.splitext(name)[0] + '.png')))
+  forward = predict.Forward(state.apply_fn, {'params': state.params,
+                                             'batch_stats': state.batch_stats})
+  assert predict.predict_files(config, forward, [path], str(tmp_path)) == (1, [])
+  ids = np.asarray(Image.open(tmp_path / (os.path.splitext(name)[0] + '.png')))
   h, w = ids.shape
   assert (h, w) == (config.data.synthetic.height, config.data.synthetic.width)
   np.testing.assert_array_equal(ids, per_example['pred'][k][:h, :w])
