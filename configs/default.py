@@ -30,6 +30,10 @@ def get_config():
   config.data.image_size = (224, 288)  # Training size (H, W), divisible by 32; ~3:4 like CamVid.
   config.data.eval_resize = False  # Evaluate at native size (padded to /32) instead of image_size.
   config.data.lab = False  # Append CIELAB channels (6 input channels), as the original post did.
+  config.data.augment = ml_collections.ConfigDict()  # Training augmentation; all off by default.
+  config.data.augment.crop = False  # Keep the aspect and take random image_size crops.
+  config.data.augment.scale = (1.0, 1.0)  # Random scale range (with crop), 1 = height fits.
+  config.data.augment.jitter = 0.0  # Brightness/contrast/saturation factor range 1 +- jitter.
   config.data.random_flip = False  # Random horizontal flips of training examples (augmentation).
   config.data.num_classes = 11  # Real classes; the void label is num_classes.
   config.data.ignore_void = True  # Ignore void in loss and metrics; False predicts it as a class.

@@ -24,6 +24,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sepres_jax import augment
 from sepres_jax.data import camvid
 from sepres_jax.data import synthetic
 from sepres_jax.data.camvid import DataError
@@ -240,6 +241,7 @@ class _TrainBatch:
     self.start = process_index * local_batch
     self.stop = self.start + local_batch
     self.random_flip = bool(data_config.get('random_flip', False))
+    self.augmented = 'augment' in data_config and augment.is_active(data_config)
     self.seed = seed
 
   def __call__(self, step, global_indices):
@@ -251,10 +253,16 @@ class _TrainBatch:
     images, labels = [], []
     for i in range(self.start, self.stop):
       example = self.source[int(global_indices[i])]
-      image = preprocess_image(example['image'], self.data_config, self.size)
-      label = preprocess_label(example['label'], self.size)
-      if flips[i]:
-        image, label = image[:, ::-1], label[:, ::-1]
+      if self.augmented:
+        rng = np.random.default_rng([self.seed, step, i])
+        rgb, label = augment.augment(example['image'], example['label'], rng, self.data_config,
+                                     bool(flips[i]))
+        image = preprocess_image(rgb, self.data_config)
+      else:
+        image = preprocess_image(example['image'], self.data_config, self.size)
+        label = preprocess_label(example['label'], self.size)
+        if flips[i]:
+          image, label = image[:, ::-1], label[:, ::-1]
       images.append(image)
       labels.append(label)
     return {'image': np.stack(images), 'label': np.stack(labels)}

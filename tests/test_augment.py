@@ -1,0 +1,82 @@
+"""Training augmentation: shapes, label alignment, determinism, padding that never counts."""
+
+import numpy as np
+import pytest
+
+from configs import default
+from sepres_jax import augment
+from sepres_jax import input_pipeline
+
+
+def _pair(h=72, w=96):
+  """An image whose red channel is 20 x the label, in 12x12 blocks, so alignment is checkable."""
+  blocks = np.arange((h // 12) * (w // 12)).reshape(h // 12, w // 12) % 11
+  label = blocks.repeat(12, 0).repeat(12, 1).astype(np.uint8)
+  rgb = np.stack([label * 20, np.full_like(label, 100), np.zeros_like(label)], -1).astype(np.uint8)
+  return rgb, label[..., None]
+
+
+def _config(**augment_fields):
+  config = default.get_config().data
+  config.image_size = (64, 64)
+  for k, v in augment_fields.items():
+    config.augment[k] = v
+  return config
+
+
+def test_off_by_default():
+  assert not augment.is_active(default.get_config().data)
+
+
+@pytest.mark.parametrize('scale', [(0.5, 0.6), (1.0, 1.0), (1.5, 2.0)])
+def test_scale_and_crop_keeps_image_and_label_aligned(scale):
+  config = _config(crop=True, scale=scale)
+  rgb, label = _pair()
+  for seed in range(5):
+    out_rgb, out_label = augment.augment(rgb, label, np.random.default_rng(seed), config, False)
+    assert out_rgb.shape == (64, 64, 3) and out_rgb.dtype == np.uint8
+    assert out_label.shape == (64, 64) and out_label.dtype == np.int32
+    counted = out_label >= 0
+    assert counted.any()
+    # The label and the (bilinear) red channel agree away from block edges.
+    red = out_rgb[..., 0].astype(int)
+    agree = (np.abs(red - 20 * out_label) <= 2)[counted].mean()
+    shifted = (np.abs(red[:, 6:] - 20 * out_label[:, :-6]) <= 2)[counted[:, :-6]].mean()
+    assert agree > 0.75 and agree > shifted + 0.1, (agree, shifted)
+    if scale[1] < 1.0:  # The scaled image is smaller than the crop: padding is IGNORE.
+      assert (out_label == augment.IGNORE).any()
+      assert (out_rgb[out_label == augment.IGNORE] == 0).all()
+
+
+def test_flip_and_determinism():
+  config = _config(crop=True, scale=(1.0, 1.5), jitter=0.3)
+  rgb, label = _pair()
+  a = augment.augment(rgb, label, np.random.default_rng(7), config, False)
+  b = augment.augment(rgb, label, np.random.default_rng(7), config, False)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  c = augment.augment(rgb, label, np.random.default_rng(7), config, True)
+  np.testing.assert_array_equal(c[1], a[1][:, ::-1])
+
+
+def test_jitter_changes_colours_not_labels():
+  rgb, _ = _pair()
+  out = augment.jitter(rgb, np.random.default_rng(0), 0.4)
+  assert out.shape == rgb.shape and out.dtype == np.uint8
+  assert not np.array_equal(out, rgb)
+  assert np.array_equal(augment.jitter(rgb, np.random.default_rng(0), 0.0), rgb)
+
+
+def test_train_iterator_with_augmentation(tmp_path):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config().data
+  config.cache_dir = str(tmp_path / 'cache')
+  config.augment.crop, config.augment.scale, config.augment.jitter = True, (0.75, 1.5), 0.2
+  config.random_flip = True
+  sources, _ = input_pipeline.load_sources(config)
+  it = input_pipeline.train_iterator(sources['train'], config, global_batch_size=4, seed=0)
+  first = next(it)
+  assert first['image'].shape == (4, 64, 64, 3) and first['label'].shape == (4, 64, 64)
+  assert first['image'].min() >= -1 and first['image'].max() <= 1
+  again = input_pipeline.train_iterator(sources['train'], config, global_batch_size=4, seed=0)
+  np.testing.assert_array_equal(next(again)['image'], first['image'])
