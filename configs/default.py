@@ -64,7 +64,12 @@ def get_config():
   config.learning_rate = 1e-3
   config.rmsprop_decay = 0.9
   config.rmsprop_eps = 1e-7
-  config.weight_decay = 0.0
+  config.weight_decay = 0.0  # Decoupled weight decay added to the RMSprop update (0: none).
+  config.label_smoothing = 0.0  # Cross-entropy label smoothing.
+  config.schedule = 'constant'  # Per-step multiplier: 'constant', 'cosine' or 'polynomial'.
+  config.warmup_steps = 0  # Linear warm-up steps (any schedule).
+  config.end_factor = 0.0  # Final multiplier of 'cosine' and 'polynomial'.
+  config.poly_power = 0.9  # Exponent of 'polynomial' (0.9: the 'poly' rule of DeepLab).
   config.plateau = ml_collections.ConfigDict()
   config.plateau.monitor = 'val_miou'  # Any key of history.json, e.g. val_loss, val_accuracy.
   config.plateau.factor = 0.1

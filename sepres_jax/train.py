@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from sepres_jax import checkpoints
+from sepres_jax import guards
 from sepres_jax import input_pipeline
 from sepres_jax import metrics
 from sepres_jax import models
@@ -67,10 +68,39 @@ def class_weights(config) -> Optional[np.ndarray]:
   return np.asarray(w, np.float32)
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
+def schedule_factor(config, total_steps: Optional[int]):
+  """Per-step multiplier of the learning rate: linear warm-up, then constant, cosine or polynomial.
+
+  It multiplies the plateau rule's rate, so both can be used together.
+  """
+  kind, warmup = config.schedule, int(config.warmup_steps)
+  if kind not in ('constant', 'cosine', 'polynomial'):
+    raise RunError(f"config.schedule must be 'constant', 'cosine' or 'polynomial', got {kind!r}")
+  if kind != 'constant' and not total_steps:
+    raise RunError(f'config.schedule={kind!r} needs the number of training steps')
+  decay_steps = max(int(total_steps or 0) - warmup, 1)
+
+  def factor(count):
+    count = jnp.asarray(count, jnp.float32)
+    ramp = jnp.minimum((count + 1) / warmup, 1.0) if warmup else 1.0
+    t = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
+    if kind == 'cosine':
+      f = config.end_factor + (1 - config.end_factor) * 0.5 * (1 + jnp.cos(jnp.pi * t))
+    elif kind == 'polynomial':
+      f = config.end_factor + (1 - config.end_factor) * (1 - t) ** config.poly_power
+    else:
+      f = 1.0
+    return ramp * f
+  return factor
+
+
+def create_optimizer(config, total_steps: Optional[int] = None) -> optax.GradientTransformation:
   """RMSprop with its learning rate injected, so the plateau rule can scale it without retracing."""
+  factor = schedule_factor(config, total_steps)
+
   def make(learning_rate):
-    tx = optax.rmsprop(learning_rate, decay=config.rmsprop_decay, eps=config.rmsprop_eps)
+    tx = optax.rmsprop(lambda count: learning_rate * factor(count), decay=config.rmsprop_decay,
+                       eps=config.rmsprop_eps)
     if config.weight_decay:
       tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
     return tx
@@ -82,9 +112,9 @@ def input_shape(config, batch: int = 1) -> tuple[int, ...]:
   return (batch, *config.data.image_size, channels)
 
 
-def create_train_state(config, model, rng, mesh) -> TrainState:
+def create_train_state(config, model, rng, mesh, total_steps: Optional[int] = None) -> TrainState:
   """Initialises the state directly replicated over `mesh` (no host copy of the parameters)."""
-  tx = create_optimizer(config)
+  tx = create_optimizer(config, total_steps)
 
   def init(rng):
     variables = model.init(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
@@ -154,7 +184,7 @@ class Stepper:
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
     w = None if weights is None else jnp.asarray(weights)
-    ls = float(config.get('label_smoothing', 0.0))
+    ls = float(config.label_smoothing)
     if self.mode == 'jit':
       self.train = jax.jit(functools.partial(train_step, weights=w, label_smoothing=ls),
                            donate_argnums=0, out_shardings=(self.replicated, self.replicated))
@@ -292,8 +322,14 @@ def set_learning_rate(state: TrainState, lr: float) -> TrainState:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on train/, selects on val/; resumes from the latest checkpoint in `workdir`.
 
-  Returns the last epoch's record of the history.
+  SIGTERM or SIGINT saves a checkpoint at the next step boundary and returns (the record then has
+  'stopped': True). Returns the last epoch's record of the history.
   """
+  with guards.StopRequest() as stop:
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   is_main = jax.process_index() == 0
 
@@ -313,7 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Model and state -----------------------------------------------------------------------
   axis = PMAP_AXIS if config.parallelism == 'pmap' else None
   model = models.create_model(config, num_outputs(config), bn_axis_name=axis)
-  state = create_train_state(config, model, jax.random.key(config.seed), mesh)
+  state = create_train_state(config, model, jax.random.key(config.seed), mesh,
+                             config.num_epochs * steps_per_epoch)
   stepper = Stepper(config, mesh, class_weights(config))
   rules = EpochRules(config)
   history: list[dict] = []
@@ -323,10 +360,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoints.create_manager(workdir, config.best_metric)
   latest = manager.latest_step()
+  epoch_sums = None  # Train-metric sums of the part of an epoch done before a mid-epoch save.
   if latest is not None:
     state, meta = checkpoints.restore(manager, latest, checkpoints.abstract_like(state), train_iter)
     rules.load_state_dict(meta['rules'])
     history, epoch = meta['history'], meta['epoch']
+    epoch_sums = meta.get('epoch_sums')
+    if is_main:  # A run killed between its last checkpoint and history.json: catch up.
+      _write_history(workdir, history)
     logging.info('Resumed from step %d (epoch %d) in %s', latest, epoch, workdir)
   elif config.init_from:
     from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -340,6 +381,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from sepres_jax import visualize  # pylint: disable=g-import-not-at-top
     pictures = visualize.ValidationPictures(config, sources['val'], info, model.apply)
 
+  # --- Guards: no diverged state is saved; a stop request saves and returns -------------------
+  watch = guards.FiniteWatch()
+  last_saved = latest
+
+  def check_finite():
+    bad = watch.first_bad()
+    if bad is not None:
+      checkpoints.wait(manager)  # The last good checkpoint in flight is completed, not lost.
+      raise RunError(f'non-finite loss or gradient at step {bad}; nothing after step '
+                     f'{last_saved} was saved, the checkpoints in {workdir} are intact')
+
+  def save_mid_epoch():
+    nonlocal last_saved
+    check_finite()
+    part = {k: float(v) for k, v in stepper.fetch(sums).items()} if sums else None
+    checkpoints.save(manager, step, stepper.from_step_state(step_state),
+                     _meta(epoch, rules, history, part), train_iter)
+    last_saved = step
+
+  def stopped():
+    if step != last_saved:
+      save_mid_epoch()
+    checkpoints.wait(manager)
+    manager.close()
+    if writer:
+      writer.close()
+    message = f'Stopped at step {step}; run the same command again to resume.'
+    logging.warning(message)
+    if is_main:
+      print(message, flush=True)
+    return dict(record, stopped=True, step=step)
+
   # --- Epochs --------------------------------------------------------------------------------
   step = int(state.step)
   step_state = stepper.to_step_state(state)
@@ -351,10 +424,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lr = config.learning_rate * rules.scale
     step_state = stepper.to_step_state(set_learning_rate(stepper.from_step_state(step_state), lr))
     sums = None  # Device-side sums of the epoch's step metrics: no host sync per step.
+    if epoch_sums and step > epoch * steps_per_epoch:  # Resumed mid-epoch: exact float32 sums.
+      sums = {k: np.float32(v) for k, v in epoch_sums.items()}
+    epoch_sums = None
     data_wait = 0.0  # Seconds the loop spent waiting for the input pipeline.
     t_epoch, t_log, n_log = time.time(), time.time(), 0
     start_in_epoch = step - epoch * steps_per_epoch
     for _ in range(start_in_epoch, steps_per_epoch):
+      if stop.requested():
+        return stopped()
       t_data = time.perf_counter()
       batch = next(train_iter)
       data_wait += time.perf_counter() - t_data
@@ -362,14 +440,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       summed = {k: out[k] for k in ('loss_sum', 'weight', 'correct', 'pixels')}
       sums = summed if sums is None else jax.tree.map(jnp.add, sums, summed)
       step += 1
+      watch.track(step, out)
       steps_this_run += 1
       n_log += 1
       if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
         out = stepper.fetch(out)
         loss = float(out['loss_sum']) / max(float(out['weight']), 1.0)
-        if not np.isfinite(loss) or not np.isfinite(out['grad_norm']):
-          raise RunError(f'non-finite loss or gradient at step {step} (loss {loss}); the last '
-                         f'good checkpoint in {workdir} is intact')
+        check_finite()
         rate = n_log * config.batch_size / (time.time() - t_log)
         eta = (total_steps - step) * (time.time() - t_run) / max(steps_this_run, 1)
         logging.info('epoch %d/%d step %d/%d  loss %.4f  %.1f img/s  ETA %s', epoch + 1,
@@ -383,13 +460,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_log, n_log = time.time(), 0
       if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
           and step % steps_per_epoch):
-        checkpoints.save(manager, step, stepper.from_step_state(step_state),
-                         _meta(epoch, rules, history), train_iter)
+        save_mid_epoch()
     train_time = time.time() - t_epoch
     sums = {k: float(v) for k, v in stepper.fetch(sums).items()} if sums else {
         'loss_sum': float('nan'), 'weight': 1.0, 'correct': float('nan'), 'pixels': 1.0}
 
     # --- Validation, rules, checkpoint, logs --------------------------------------------------
+    check_finite()
     state = stepper.from_step_state(step_state)
     val = evaluate_split(stepper, step_state, val_batches())
     epoch += 1
@@ -403,14 +480,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'data_wait_fraction': data_wait / max(train_time, 1e-9),
     }
     if not np.isfinite(record['val_loss']):
+      checkpoints.wait(manager)
       raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '
                      f'good checkpoint in {workdir} is intact')
     best_so_far = _best_value(history, config.best_metric)
     record['best'] = best_so_far is None or _better(config.best_metric, record[config.best_metric],
                                                     best_so_far)
-    lr_cut, stop = rules.update(record)
+    lr_cut, early_stop = rules.update(record)
     record['lr_cut'] = lr_cut
     history.append(record)
+    last_saved = step
     checkpoints.save(manager, step, state, _meta(epoch, rules, history), train_iter,
                      metrics={config.best_metric: float(record[config.best_metric])})
     logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f mIoU %.4f | lr %.2e'
@@ -426,12 +505,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if pictures:
         pictures.write(writer, state, epoch)
       writer.flush()
-    if stop:
+    if stop.requested():
+      return stopped()
+    if early_stop:
       logging.info('Early stopping after epoch %d: %s has not improved for %d epochs', epoch,
                    config.early_stopping.monitor, config.early_stopping.patience)
       break
 
-  manager.wait_until_finished()
+  checkpoints.wait(manager)
   manager.close()
   if writer:
     writer.close()
@@ -441,8 +522,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return record
 
 
-def _meta(epoch, rules, history) -> dict:
-  return {'epoch': epoch, 'rules': rules.state_dict(), 'history': history}
+def _meta(epoch, rules, history, epoch_sums=None) -> dict:
+  meta = {'epoch': epoch, 'rules': rules.state_dict(), 'history': history}
+  if epoch_sums:
+    meta['epoch_sums'] = epoch_sums
+  return meta
 
 
 def _better(name, a, b) -> bool:

@@ -103,3 +103,29 @@ def test_eval_step_scores_resized_logits_at_label_size(tiny_config):
   native = np.random.default_rng(1).integers(0, 12, (4, 90, 120)).astype(np.int32)
   scores = train.evaluate_split(stepper, state, [{'image': raw['image'], 'label': native}])
   assert scores['confusion'].sum() == np.sum(native < 11)
+
+
+@pytest.mark.parametrize('kind', ['constant', 'cosine', 'polynomial'])
+def test_schedules(tiny_config, kind):
+  tiny_config.schedule, tiny_config.warmup_steps, tiny_config.end_factor = kind, 10, 0.1
+  f = train.schedule_factor(tiny_config, 110)
+  assert float(f(0)) == pytest.approx(0.1)  # Warm-up: 1/10 at the first step.
+  assert float(f(9)) == pytest.approx(1.0)
+  end = {'constant': 1.0, 'cosine': 0.1, 'polynomial': 0.1}[kind]
+  assert float(f(110)) == pytest.approx(end, abs=1e-6)
+  if kind == 'cosine':
+    assert float(f(60)) == pytest.approx(0.55, abs=1e-6)  # Half way: the mean of 1 and 0.1.
+
+
+def test_schedule_scales_the_update(tiny_config):
+  """A cosine schedule at its end (factor 0) leaves the parameters where they are."""
+  tiny_config.schedule, tiny_config.end_factor = 'cosine', 0.0
+  mesh = train.make_mesh()
+  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
+  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh, total_steps=1)
+  stepper = train.Stepper(tiny_config, mesh, None)
+  batch = stepper.batch(_batch(tiny_config, 4))
+  state, _ = stepper.train(state, batch)  # Step 0: factor 1, moves.
+  before = jax.tree.map(np.asarray, state.params)
+  state, _ = stepper.train(state, batch)  # Step 1 = total: factor 0.
+  jax.tree.map(np.testing.assert_allclose, jax.tree.map(np.asarray, state.params), before)
