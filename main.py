@@ -1,5 +1,6 @@
 """sepres-jax command line: python main.py --config=configs/default.py --workdir=DIR --mode=train."""
 
+import os
 import sys
 
 from absl import app
@@ -9,10 +10,18 @@ import jax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-_MODES = ('train', 'evaluate', 'visualize', 'predict', 'summary', 'benchmark')
+_MODES = ('train', 'evaluate', 'visualize', 'predict', 'summary', 'benchmark', 'verify')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, history and pictures.')
 flags.DEFINE_enum('mode', 'train', _MODES, 'What to do.')
 flags.DEFINE_bool('verbose', False, 'Show full tracebacks of errors.')
+# Multi-process runs (one process per host): jax.distributed.initialize before any device is used.
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (default: $JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (default: '
+                     '$JAX_PROCESS_ID).')
+flags.DEFINE_bool('distributed', False, 'Initialise the distributed runtime from the cluster '
+                  '(TPU pod, SLURM, Open MPI, GKE) when no address is given.')
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -21,10 +30,24 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  _initialize_distributed()
   from sepres_jax import cli  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   return cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, verbose=FLAGS.verbose)
+
+
+def _initialize_distributed():
+  """jax.distributed.initialize from the flags or JAX_* variables; nothing for one process."""
+  env = lambda name: os.environ.get(name) or None
+  address = FLAGS.coordinator_address or env('JAX_COORDINATOR_ADDRESS')
+  num = FLAGS.num_processes if FLAGS.num_processes is not None else env('JAX_NUM_PROCESSES')
+  pid = FLAGS.process_id if FLAGS.process_id is not None else env('JAX_PROCESS_ID')
+  if address or num is not None or FLAGS.distributed:
+    if num is not None and int(num) == 1 and not address:
+      return
+    jax.distributed.initialize(address, None if num is None else int(num),
+                               None if pid is None else int(pid))
 
 
 def parse_flags(argv):

@@ -3,10 +3,16 @@
 Each checkpoint holds three items: `state` (the TrainState arrays), `meta` (JSON: epoch, plateau
 and early-stopping state, history) and `data` (the grain iterator's position), so a resumed run
 continues at exactly the next batch. Orbax writes each step into a temporary folder and renames it
-when complete, so a half-written checkpoint is never restored.
+when complete, so a half-written checkpoint is never restored (leftover temporary folders of a
+killed run are removed when the next run opens the manager). The data position is the same on
+every process (each reads its slice of one global batch), so a checkpoint written by N processes
+restores on any number of processes.
 """
 
+import glob
+import json
 import os
+import re
 from typing import Any, Optional
 
 import grain
@@ -15,6 +21,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be written or does not fit; the message is one line for the user."""
 
 
 def metric_mode(name: str) -> str:
@@ -37,7 +47,7 @@ def create_manager(workdir: str, best_metric: Optional[str] = None,
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy(keep),
       best_fn=best_fn, best_mode=mode, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True)
+      cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -47,23 +57,98 @@ def create_manager(workdir: str, best_metric: Optional[str] = None,
 
 def save(manager, step: int, state, meta: dict, data_iterator=None,
          metrics: Optional[dict] = None) -> None:
-  """Starts an asynchronous save of `step`; `metrics` ranks it for the best checkpoint."""
+  """Starts an asynchronous save of `step`; `metrics` ranks it for the best checkpoint.
+
+  A failure (of this save, or of the previous one still being written) raises CheckpointError;
+  the complete checkpoints already on disk are left as they were.
+  """
   items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+  try:
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'could not save checkpoint {step} in {manager.directory} '
+                          f'({short_reason(e)}); the previous checkpoints are intact') from e
+
+
+def wait(manager) -> None:
+  """Waits for the asynchronous save in flight; its failure raises CheckpointError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'could not save a checkpoint in {manager.directory} '
+                          f'({short_reason(e)}); the previous checkpoints are intact') from e
+
+
+def short_reason(e: BaseException) -> str:
+  """The useful part of an orbax/tensorstore error: the OS's words, without the store's spec."""
+  text = ' '.join(str(e).split()) or type(e).__name__
+  text = text.split(' [tensorstore_spec')[0]
+  m = re.search(r'(Failed[^\[]*?: )?([^:\[]*(File too large|No space left on device|Permission '
+                r'denied|Read-only file system|Disk quota exceeded)[^\[]*)', text)
+  if m:
+    text = m.group(2).strip()
+  return text[:300]
 
 
 def restore(manager, step: int, abstract_state, data_iterator=None) -> tuple[Any, dict]:
   """Restores (state, meta) of `step` into `abstract_state`'s shapes and shardings.
 
-  When `data_iterator` is given its position is restored in place too.
+  When `data_iterator` is given its position is restored in place too, from this process's file
+  or, when the checkpoint was written by another number of processes, from process 0's. A state
+  of another shape raises CheckpointError naming the first array that differs; nothing is written.
   """
+  mismatch = _first_mismatch(manager, step, abstract_state)
+  if mismatch:
+    raise CheckpointError(f'checkpoint {step} in {manager.directory} holds another model '
+                          f'({mismatch}); use another --workdir, or the config it was trained with')
   items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f'checkpoint {step} in {manager.directory} does not fit this model '
+                          f'({short_reason(e)})') from e
   if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+    data_iterator.set_state(_data_state(os.path.join(os.fspath(manager.directory), str(step),
+                                                     'data')))
   return restored['state'], restored['meta']
+
+
+def _first_mismatch(manager, step, abstract_state) -> Optional[str]:
+  """'path: checkpoint shape vs model shape' of the first differing array, or None."""
+  try:
+    stored = manager.item_metadata(step)['state']
+    stored = getattr(stored, 'tree', stored)
+  except Exception:  # pylint: disable=broad-except  # No metadata: let restore itself judge.
+    return None
+  if stored is None:
+    return None
+  flat_stored = {jax.tree_util.keystr(k): v for k, v in
+                 jax.tree_util.tree_flatten_with_path(stored)[0]}
+  flat_model = {jax.tree_util.keystr(k): v for k, v in
+                jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  for key in sorted(set(flat_stored) | set(flat_model)):
+    if key not in flat_stored:
+      return f'{key} is not in the checkpoint'
+    if key not in flat_model:
+      return f'{key} is not in this model'
+    a, b = getattr(flat_stored[key], 'shape', None), getattr(flat_model[key], 'shape', None)
+    if a is not None and b is not None and tuple(a) != tuple(b):
+      return f'{key}: checkpoint shape {tuple(a)}, this model {tuple(b)}'
+  return None
+
+
+def _data_state(data_dir: str) -> dict:
+  """The grain iterator state saved in `data_dir`, for this process or any process count."""
+  index, count = jax.process_index(), jax.process_count()
+  mine = os.path.join(data_dir, f'process_{index}-of-{count}.json')
+  files = [mine] if os.path.exists(mine) else sorted(
+      glob.glob(os.path.join(data_dir, 'process_0-of-*.json')))
+  if not files:
+    raise CheckpointError(f'{data_dir}: no data-iterator state in the checkpoint')
+  with open(files[0]) as f:
+    return json.load(f)
 
 
 def select_step(manager, which: str) -> Optional[int]:

@@ -4,10 +4,12 @@ import sys
 
 from absl import logging
 
+from sepres_jax import checkpoints
 from sepres_jax import train
 from sepres_jax.data.camvid import DataError
 
-USER_ERRORS = (train.RunError, DataError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (train.RunError, checkpoints.CheckpointError, DataError, FileNotFoundError,
+               NotADirectoryError)
 
 
 class _QuietLibraries:
@@ -49,6 +51,9 @@ def _dispatch(mode, config, workdir):
   elif mode == 'summary':
     from sepres_jax import summary
     return summary.summary(config)
+  elif mode == 'verify':
+    from sepres_jax import verify
+    return verify.verify(config)
   elif mode == 'benchmark':
     from sepres_jax import benchmark
     return benchmark.benchmark(config)

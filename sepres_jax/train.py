@@ -27,6 +27,7 @@ from sepres_jax import guards
 from sepres_jax import input_pipeline
 from sepres_jax import metrics
 from sepres_jax import models
+from sepres_jax import verify
 
 PMAP_AXIS = 'batch'
 
@@ -336,6 +337,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   # --- Mesh and input ------------------------------------------------------------------------
   mesh = make_mesh()
   check_batch_sizes(config, mesh)
+  verify.check_data(config.data)  # Every problem of the folder listed, once, before building.
   sources, info = input_pipeline.load_sources(config.data)
   train_iter = input_pipeline.train_iterator(
       sources['train'], config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -385,8 +387,11 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   watch = guards.FiniteWatch()
   last_saved = latest
 
-  def check_finite():
+  def check_finite(params=None):
+    """Raises RunError if a step so far (or `params`, about to be saved) was not finite."""
     bad = watch.first_bad()
+    if bad is None and params is not None and not guards.all_finite(params):
+      bad = step
     if bad is not None:
       checkpoints.wait(manager)  # The last good checkpoint in flight is completed, not lost.
       raise RunError(f'non-finite loss or gradient at step {bad}; nothing after step '
@@ -394,7 +399,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
 
   def save_mid_epoch():
     nonlocal last_saved
-    check_finite()
+    check_finite(step_state.params)
     part = {k: float(v) for k, v in stepper.fetch(sums).items()} if sums else None
     checkpoints.save(manager, step, stepper.from_step_state(step_state),
                      _meta(epoch, rules, history, part), train_iter)
@@ -466,7 +471,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
         'loss_sum': float('nan'), 'weight': 1.0, 'correct': float('nan'), 'pixels': 1.0}
 
     # --- Validation, rules, checkpoint, logs --------------------------------------------------
-    check_finite()
+    check_finite(step_state.params)
     state = stepper.from_step_state(step_state)
     val = evaluate_split(stepper, step_state, val_batches())
     epoch += 1
