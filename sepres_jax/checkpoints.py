@@ -124,19 +124,32 @@ def _first_mismatch(manager, step, abstract_state) -> Optional[str]:
     return None
   if stored is None:
     return None
-  flat_stored = {jax.tree_util.keystr(k): v for k, v in
-                 jax.tree_util.tree_flatten_with_path(stored)[0]}
-  flat_model = {jax.tree_util.keystr(k): v for k, v in
-                jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  flat_stored, flat_model = _flat_shapes(stored), _flat_shapes(abstract_state)
   for key in sorted(set(flat_stored) | set(flat_model)):
+    if not key.startswith(('params/', 'batch_stats/')):
+      continue  # Optimizer state mirrors the parameters; its layout is left to restore.
     if key not in flat_stored:
       return f'{key} is not in the checkpoint'
     if key not in flat_model:
       return f'{key} is not in this model'
-    a, b = getattr(flat_stored[key], 'shape', None), getattr(flat_model[key], 'shape', None)
-    if a is not None and b is not None and tuple(a) != tuple(b):
-      return f'{key}: checkpoint shape {tuple(a)}, this model {tuple(b)}'
+    a, b = flat_stored[key], flat_model[key]
+    if a is not None and b is not None and a != b:
+      return f'{key}: checkpoint shape {a}, this model {b}'
   return None
+
+
+def _flat_shapes(tree) -> dict:
+  """'params/conv6/kernel' -> shape, whatever the containers (dicts, dataclasses, tuples)."""
+  def name(k):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, 'shape', None)
+    out['/'.join(name(k) for k in path)] = None if shape is None else tuple(shape)
+  return out
 
 
 def _data_state(data_dir: str) -> dict:

@@ -508,7 +508,9 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
                 'learning_rate', 'epoch_time', 'data_wait_fraction'):
         writer.add_scalar(f'epoch/{k}', record[k], epoch)
       if pictures:
-        pictures.write(writer, state, epoch)
+        # Process 0 draws alone: a host copy of the (replicated) state, not the global arrays.
+        pictures.write(writer, state if jax.process_count() == 1 else jax.tree.map(
+            lambda x: np.asarray(x.addressable_data(0)), state), epoch)
       writer.flush()
     if stop.requested():
       return stopped()
