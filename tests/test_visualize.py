@@ -1,0 +1,110 @@
+"""Pictures: --mode=visualize (data, curves), TensorBoard predictions, evaluation pictures."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from sepres_jax import cli
+from sepres_jax import train
+from sepres_jax import visualize
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """(config, workdir) of a 1-epoch tiny run with 2 TensorBoard prediction images."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('visualize')
+  config = test_config.get_config()
+  config.data.cache_dir = str(root / 'cache')
+  config.num_epochs = 1
+  config.visualize.num_tensorboard_images = 2
+  config.data.eval_resize = False  # Validation as --mode=evaluate scores it (eval.input=native).
+  train.train_and_evaluate(config, str(root / 'run'))
+  return config, str(root / 'run')
+
+
+def _png(path, min_hw=(150, 150), min_bytes=5000):
+  assert os.path.isfile(path), path
+  assert os.path.getsize(path) > min_bytes
+  img = cv2.imread(str(path))
+  assert img is not None and img.shape[0] >= min_hw[0] and img.shape[1] >= min_hw[1]
+  assert img.shape[0] < 4000 and img.shape[1] < 4000  # A picture, not a poster.
+  assert img.std() > 5
+  return img
+
+
+def test_training_writes_curves_and_tensorboard_images(trained):
+  _, workdir = trained
+  _png(os.path.join(workdir, 'pictures', 'training_curves.png'), (500, 800))
+  events = [f for f in os.listdir(os.path.join(workdir, 'tensorboard')) if 'events' in f]
+  data = b''.join(open(os.path.join(workdir, 'tensorboard', f), 'rb').read() for f in events)
+  assert b'val_predictions/0' in data and b'val_predictions/1' in data
+  assert b'val_predictions/2' not in data
+
+
+def test_visualize_data_and_curves(trained, tmp_path):
+  config, run = trained
+  workdir = str(tmp_path / 'vis')
+  os.makedirs(workdir)
+  config = config.copy_and_resolve_references()
+  config.visualize.num_images = 2
+  assert cli.run('visualize', config, workdir) == 0
+  out = os.path.join(workdir, 'pictures', 'data', 'train')
+  names = sorted(os.listdir(out))
+  assert len([n for n in names if n.endswith('_masks.png')]) == 2
+  assert len([n for n in names if n.endswith('_labels.png')]) == 2
+  assert len([n for n in names if n.endswith('_resize.png')]) == 2
+  assert {'class_frequencies.png', 'legend.png'} <= set(names)
+  for n in names:
+    _png(os.path.join(out, n), (100, 100) if n == 'legend.png' else (250, 250), 3000)
+  assert not os.path.exists(os.path.join(workdir, 'pictures', 'training_curves.png'))
+
+  # Curves on demand from a run's history.json; without one, a one-line error.
+  os.remove(os.path.join(run, 'pictures', 'training_curves.png'))
+  config.visualize.what = 'curves'
+  assert cli.run('visualize', config, run) == 0
+  _png(os.path.join(run, 'pictures', 'training_curves.png'), (500, 800))
+  assert cli.run('visualize', config, workdir) == 1
+
+
+def test_class_pixel_counts():
+  source = [{'label': np.array([[0, 0, 11], [3, 255, 0]], np.uint8)[..., None]}]
+  np.testing.assert_array_equal(visualize.class_pixel_counts(source, 12),
+                                [3, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2])
+
+
+def test_panel_picker_keeps_the_worst():
+  picker = visualize.PanelPicker(2, worst_first=True)
+  for i, score in enumerate([0.5, 0.1, float('nan'), 0.9, 0.2, 0.05]):
+    picker.offer(score, i, np.full((2, 2), i))
+  assert [(s, i) for s, i, _ in picker.picked()] == [(0.05, 5), (0.1, 1)]
+  first = visualize.PanelPicker(2, worst_first=False)
+  for i, score in enumerate([0.5, 0.1, 0.9]):
+    first.offer(score, i, np.zeros((2, 2)))
+  assert [i for _, i, _ in first.picked()] == [0, 1]
+
+
+def test_evaluate_pictures_and_scores_unchanged(trained, capsys):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.num_panels = 3
+  config.eval.split = 'val'
+  assert cli.run('evaluate', config, workdir) == 0
+  assert 'mean IoU' in capsys.readouterr().out
+  out = os.path.join(workdir, 'eval', 'val')
+  _png(os.path.join(out, 'iou.png'), (300, 500))
+  _png(os.path.join(out, 'confusion_matrix.png'), (500, 500))
+  _png(os.path.join(out, 'panels.png'), (600, 600))
+  with open(os.path.join(workdir, 'eval', 'val.json')) as f:
+    scores = json.load(f)
+  mious = [p['miou'] for p in scores['panels']]
+  assert len(mious) == 3 and mious == sorted(mious) and min(mious) <= scores['miou']
+  # The same scores as the training loop's validation of the same (only) checkpoint.
+  with open(os.path.join(workdir, 'history.json')) as f:
+    [record] = json.load(f)
+  assert scores['miou'] == record['val_miou']
+  assert scores['pixel_accuracy'] == record['val_accuracy']
+  assert scores['loss'] == pytest.approx(record['val_loss'], rel=1e-5)
