@@ -19,12 +19,17 @@ def _batch(config, n, seed=0):
   return {'image': images, 'label': labels}
 
 
+def _setup(config, **kwargs):
+  """A fresh state (on a one-axis mesh of all devices) and the compiled steps of `config`."""
+  mesh = train.make_mesh()
+  model = train.models.create_model(config, train.num_outputs(config))
+  state = train.create_train_state(config, model, jax.random.key(0), mesh, **kwargs)
+  return state, train.Stepper(config, mesh, None)
+
+
 def test_train_step_lowers_loss_on_a_repeated_batch(tiny_config):
   tiny_config.learning_rate = 1e-2
-  mesh = train.make_mesh()
-  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
-  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
-  stepper = train.Stepper(tiny_config, mesh, None)
+  state, stepper = _setup(tiny_config)
   batch = stepper.batch(_batch(tiny_config, 4))
   losses = []
   for _ in range(20):
@@ -40,10 +45,7 @@ def test_train_step_lowers_loss_on_a_repeated_batch(tiny_config):
 
 
 def test_eval_step_confusion_covers_counted_pixels(tiny_config):
-  mesh = train.make_mesh()
-  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
-  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
-  stepper = train.Stepper(tiny_config, mesh, None)
+  state, stepper = _setup(tiny_config)
   raw = _batch(tiny_config, 4)
   raw['label'][0] = -1  # A padded example never counts.
   scores = train.evaluate_split(stepper, state, [raw])
@@ -52,14 +54,14 @@ def test_eval_step_confusion_covers_counted_pixels(tiny_config):
 
 
 def test_learning_rate_is_injected_without_retrace(tiny_config):
-  mesh = train.make_mesh()
-  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
-  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
+  state, stepper = _setup(tiny_config)
+  batch = stepper.batch(_batch(tiny_config, 4))
+  state, _ = stepper.train(state, batch)
   state = train.set_learning_rate(state, 0.0)
-  stepper = train.Stepper(tiny_config, mesh, None)
   before = jax.tree.map(np.asarray, state.params)
-  state, _ = stepper.train(state, stepper.batch(_batch(tiny_config, 4)))
+  state, _ = stepper.train(state, batch)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
+  assert stepper.train._cache_size() == 1  # The new rate did not compile a second step.
 
 
 def test_class_weights(tiny_config):
@@ -95,10 +97,7 @@ def test_plateau_and_early_stopping(tiny_config):
 
 
 def test_eval_step_scores_resized_logits_at_label_size(tiny_config):
-  mesh = train.make_mesh()
-  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
-  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh)
-  stepper = train.Stepper(tiny_config, mesh, None)
+  state, stepper = _setup(tiny_config)
   raw = _batch(tiny_config, 4)
   native = np.random.default_rng(1).integers(0, 12, (4, 90, 120)).astype(np.int32)
   scores = train.evaluate_split(stepper, state, [{'image': raw['image'], 'label': native}])
@@ -120,10 +119,7 @@ def test_schedules(tiny_config, kind):
 def test_schedule_scales_the_update(tiny_config):
   """A cosine schedule at its end (factor 0) leaves the parameters where they are."""
   tiny_config.schedule, tiny_config.end_factor = 'cosine', 0.0
-  mesh = train.make_mesh()
-  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
-  state = train.create_train_state(tiny_config, model, jax.random.key(0), mesh, total_steps=1)
-  stepper = train.Stepper(tiny_config, mesh, None)
+  state, stepper = _setup(tiny_config, total_steps=1)
   batch = stepper.batch(_batch(tiny_config, 4))
   state, _ = stepper.train(state, batch)  # Step 0: factor 1, moves.
   before = jax.tree.map(np.asarray, state.params)
