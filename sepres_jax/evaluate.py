@@ -38,8 +38,7 @@ def load_weights(path: str, state) -> dict:
     except (ValueError, KeyError) as e:
       raise train.RunError(f'{path}: weights do not fit this model ({_first_line(e)})') from None
   if os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
-    restored, _ = restore_state(path, 'best', state)
-    return {'params': restored.params, 'batch_stats': restored.batch_stats}
+    return restore_weights(path, 'best', state)[0]
   raise train.RunError(f'{path}: neither a workdir with {checkpoints.CHECKPOINT_DIR}/ nor a '
                        f'pretrained folder with {WEIGHTS_DIR}/')
 
@@ -57,6 +56,37 @@ def restore_state(workdir: str, which: str, state):
                          f'({_first_line(e)})') from None
   manager.close()
   return restored, step
+
+
+def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
+  """({'params', 'batch_stats'}, step) of the workdir's 'best' or 'latest' checkpoint.
+
+  Only the weights are read (a partial restore of the checkpoint's state), so a checkpoint written
+  with another optimiser (schedule, weight decay) still evaluates and predicts.
+  """
+  manager = checkpoints.create_manager(workdir, read_only=True, best_metric=_best_metric(workdir))
+  step = checkpoints.select_step(manager, which)
+  if step is None:
+    manager.close()
+    raise train.RunError(f'no checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)}')
+  target = checkpoints.abstract_like({'params': state.params, 'batch_stats': state.batch_stats})
+  mismatch = checkpoints._first_mismatch(manager, step, target)  # pylint: disable=protected-access
+  directory = os.fspath(manager.directory)
+  manager.close()
+  if mismatch:
+    raise train.RunError(f'checkpoint {step} in {workdir} holds another model ({mismatch}); pass '
+                         'the config it was trained with')
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      weights = checkpointer.restore(
+          os.path.join(directory, str(step), 'state'),
+          args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                      partial_restore=True))
+  except (ValueError, KeyError, TypeError) as e:
+    raise train.RunError(f'checkpoint {step} in {workdir} does not fit this model '
+                         f'({_first_line(e)})') from None
+  return weights, step
 
 
 def _best_metric(workdir: str):
@@ -78,7 +108,8 @@ def trained_state(config, workdir: str):
   state = train.create_train_state(config, model, jax.random.key(config.seed), mesh)
   if config.init_from:
     return model, state.replace(**load_weights(config.init_from, state)), mesh, config.init_from
-  state, step = restore_state(os.path.abspath(workdir), config.eval.checkpoint, state)
+  weights, step = restore_weights(os.path.abspath(workdir), config.eval.checkpoint, state)
+  state = state.replace(**weights)
   return model, state, mesh, f'{config.eval.checkpoint} checkpoint (step {step})'
 
 

@@ -117,10 +117,15 @@ def training_curves(workdir: str):
     return None
   if not history:
     return None
-  best = [r for r in history if r.get('best')]
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      metric = json.load(f).get('best_metric', 'val_miou')
+  except (OSError, ValueError):
+    metric = 'val_miou'
+  best = [r for r in history if r.get('best') and metric in r]
   title = f'{os.path.basename(workdir)}: {len(history)} epochs'
   if best:
-    title += f", best val mIoU {best[-1].get('val_miou', float('nan')):.3f} (epoch {best[-1]['epoch']})"
+    title += f', best {metric} {best[-1][metric]:.4g} (epoch {best[-1]["epoch"]})'
   path = drawing.save_training_curves(history, os.path.join(workdir, PICTURES_DIR,
                                                             'training_curves.png'), title=title)
   logging.info('Wrote %s', path)
