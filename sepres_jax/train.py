@@ -316,7 +316,9 @@ def check_batch_sizes(config, mesh) -> None:
 
 def set_learning_rate(state: TrainState, lr: float) -> TrainState:
   hp = state.opt_state.hyperparams
-  new = dict(hp, learning_rate=jnp.asarray(lr, hp['learning_rate'].dtype))
+  old = hp['learning_rate']
+  # Same dtype and sharding as before, or the jitted step would compile a second time.
+  new = dict(hp, learning_rate=jax.device_put(jnp.asarray(lr, old.dtype), old.sharding))
   return state.replace(opt_state=state.opt_state._replace(hyperparams=new))
 
 
