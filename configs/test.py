@@ -21,4 +21,5 @@ def get_config():
   config.model.head_width = 32
   config.early_stopping.patience = 0
   config.eval.input = 'native'
+  config.visualize.num_tensorboard_images = 0  # Saves a compilation; test_visualize sets it.
   return config
