@@ -28,7 +28,7 @@ def get_config():
   config.data.split = 'official'  # 'official' (train/val/test) or 'random85' (85:15 of train).
   config.data.split_seed = 42  # Seed of the 'random85' split.
   config.data.image_size = (224, 288)  # Training size (H, W), divisible by 32; ~3:4 like CamVid.
-  config.data.eval_resize = False  # Evaluate at native size (padded to /32) instead of image_size.
+  config.data.eval_resize = False  # Validate on resized labels too (cheap) instead of as eval.input.
   config.data.lab = False  # Append CIELAB channels (6 input channels), as the original post did.
   config.data.augment = ml_collections.ConfigDict()  # Training augmentation; all off by default.
   config.data.augment.crop = False  # Keep the aspect and take random image_size crops.
@@ -94,6 +94,8 @@ def get_config():
   # Scored at native resolution either way: 'resize' predicts on a copy resized to image_size and
   # resizes the logits back; 'native' predicts on the native image padded to a multiple of 32.
   config.eval.input = 'resize'
+  config.eval.flip = False  # Average the predictions of the image and its mirror image.
+  config.eval.scales = (1.0,)  # Input scales whose predictions are averaged, e.g. (0.75, 1, 1.25).
   config.eval.ignore_void = True  # Score the real classes only (void learned as a class too).
   config.eval.num_panels = 6  # Image / prediction / truth panels drawn by --mode=evaluate (0: none).
   config.eval.worst_first = True  # Panels of the lowest-mIoU images first (else the split's first).

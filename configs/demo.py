@@ -10,7 +10,6 @@ def get_config():
   config.num_epochs = 20
   config.data.name = 'synthetic'
   config.data.image_size = (96, 128)
-  config.data.eval_resize = False  # Native 120x160, padded to 128x160.
   config.data.synthetic.num_train = 160
   config.data.synthetic.num_val = 32
   config.data.synthetic.num_test = 32

@@ -130,7 +130,9 @@ def evaluate(config, workdir: str) -> dict:
   picker = visualize.PanelPicker(config.eval.get('num_panels', 0),
                                  config.eval.get('worst_first', True))
   loss_sum, weight, cm = 0.0, 0.0, None
-  for batch, sums, per_example in eval_pass(state, mesh, batches, train.class_weights(config)):
+  passes = eval_pass(state, mesh, batches, train.class_weights(config), config.eval.flip,
+                     config.eval.scales)
+  for batch, sums, per_example in passes:
     loss_sum += float(sums['loss_sum'])
     weight += float(sums['weight'])
     cm = sums['confusion'].astype(np.int64) if cm is None else cm + sums['confusion']
@@ -159,13 +161,14 @@ def evaluate(config, workdir: str) -> dict:
   return scores
 
 
-def eval_step_per_example(state, batch, *, weights=None):
+def eval_step_per_example(state, batch, *, weights=None, flip=False, scales=(1.0,)):
   """train.eval_step's sums, plus each example's predicted classes and confusion matrix.
 
   Per-example confusion matrices give per-image scores (worst images first) in the same pass.
   """
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          batch['image'], train=False)
+  logits = models.averaged_logits(state.apply_fn,
+                           {'params': state.params, 'batch_stats': state.batch_stats},
+                           batch['image'], flip, scales)
   label_hw = batch['label'].shape[1:3]
   if logits.shape[1:3] != label_hw:  # Native labels of resized images, as train.eval_step.
     logits = jax.image.resize(logits, (logits.shape[0], *label_hw, logits.shape[-1]), 'bilinear')
@@ -177,7 +180,7 @@ def eval_step_per_example(state, batch, *, weights=None):
   return sums, {'pred': preds.astype(jnp.uint8 if k <= 256 else jnp.int32), 'confusion': cms}
 
 
-def eval_pass(state, mesh, batches, weights=None):
+def eval_pass(state, mesh, batches, weights=None, flip=False, scales=(1.0,)):
   """Yields (host batch, summed metrics, this process's per-example outputs) for every batch.
 
   Runs under jit over `mesh` whatever config.parallelism (the state is replicated either way).
@@ -185,7 +188,8 @@ def eval_pass(state, mesh, batches, weights=None):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   w = None if weights is None else jnp.asarray(weights)
-  step = jax.jit(functools.partial(eval_step_per_example, weights=w),
+  step = jax.jit(functools.partial(eval_step_per_example, weights=w, flip=flip,
+                                   scales=tuple(scales)),
                  out_shardings=(replicated, data))
   for batch in batches:
     device_batch = {k: jax.make_array_from_process_local_data(data, batch[k])

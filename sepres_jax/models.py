@@ -10,6 +10,7 @@ by 32: callers pad other sizes and crop back.
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from sepres_jax import ops
@@ -133,3 +134,27 @@ def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -
       num_classes=num_outputs, widths=tuple(m.widths), head_width=m.head_width,
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=ops.resolve_impl(m.impl),
       dtype=jnp.dtype(config.dtype), bn_axis_name=bn_axis_name)
+
+
+def averaged_logits(apply_fn, variables, images, flip: bool = False, scales=(1.0,)):
+  """Log of the class probabilities averaged over horizontal flips and input scales.
+
+  Each scale resizes the batch to the nearest multiple of 32 and its logits back to the input's
+  size. With no flip and scales (1.0,) this is the plain forward pass.
+  """
+  if not flip and tuple(scales) == (1.0,):
+    return apply_fn(variables, images, train=False)
+  b, h, w, c = images.shape
+  probs = 0.0
+  n = 0
+  for s in scales:
+    sh, sw = (max(32, int(round(d * s / 32)) * 32) for d in (h, w))
+    x = images if (sh, sw) == (h, w) else jax.image.resize(images, (b, sh, sw, c), 'bilinear')
+    for flipped in ((False, True) if flip else (False,)):
+      logits = apply_fn(variables, x[:, :, ::-1] if flipped else x, train=False)
+      logits = logits[:, :, ::-1] if flipped else logits
+      if (sh, sw) != (h, w):
+        logits = jax.image.resize(logits, (b, h, w, logits.shape[-1]), 'bilinear')
+      probs = probs + jax.nn.softmax(logits, axis=-1)
+      n += 1
+  return jnp.log(probs / n + 1e-12)

@@ -23,6 +23,7 @@ from PIL import ImageOps
 
 from sepres_jax import drawing
 from sepres_jax import input_pipeline
+from sepres_jax import models
 from sepres_jax import train
 from sepres_jax.data import camvid
 
@@ -37,12 +38,13 @@ class Forward:
   One compilation per input shape; `class_ids` resizes logits to `out_hw` in a second small jit.
   """
 
-  def __init__(self, apply_fn, variables=None):
+  def __init__(self, apply_fn, variables=None, flip: bool = False, scales=(1.0,)):
     devices = np.asarray(jax.local_devices())
     self.mesh = jax.sharding.Mesh(devices, ('data',))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.data_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
-    self._logits = jax.jit(lambda v, x: apply_fn(v, x, train=False))
+    scales = tuple(scales)  # Flip and multi-scale averaging as --mode=evaluate does it.
+    self._logits = jax.jit(lambda v, x: models.averaged_logits(apply_fn, v, x, flip, scales))
     self._ids = jax.jit(_ids_at, static_argnums=1)
     self.variables = None
     if variables is not None:
@@ -153,7 +155,8 @@ def predict(config, workdir: str) -> int:
       config.predict.output or os.path.join(workdir, 'predictions')))
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   _, state, _, origin = evaluate.trained_state(config, workdir)
-  forward = Forward(state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats})
+  forward = Forward(state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats},
+                    config.eval.flip, config.eval.scales)
   print(f'predicting {len(paths)} file(s) with the {origin}, input {mode}, into {out_dir}')
   done, skipped = predict_files(config, forward, paths, out_dir)
   print(f'wrote {3 * done} files for {done} image(s) into {out_dir}'

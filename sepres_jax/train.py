@@ -345,10 +345,15 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       sources['train'], config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = input_pipeline.steps_per_epoch(len(sources['train']), config.batch_size)
+  # Validation scores what --mode=evaluate reports (eval.input), so the best checkpoint is chosen
+  # by the same measure; data.eval_resize instead scores the resized copies (cheaper, as Keras).
+  val_native_labels = not config.data.eval_resize and config.eval.input == 'resize'
   val_batches = functools.partial(
       input_pipeline.eval_batches, sources['val'], config.data,
       global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      resize=config.data.eval_resize or config.eval.input == 'resize',
+      native_labels=val_native_labels)
 
   # --- Model and state -----------------------------------------------------------------------
   axis = PMAP_AXIS if config.parallelism == 'pmap' else None

@@ -125,3 +125,18 @@ def test_schedule_scales_the_update(tiny_config):
   before = jax.tree.map(np.asarray, state.params)
   state, _ = stepper.train(state, batch)  # Step 1 = total: factor 0.
   jax.tree.map(np.testing.assert_allclose, jax.tree.map(np.asarray, state.params), before)
+
+
+def test_test_time_averaging(tiny_config):
+  """Flip/multi-scale averaging: plain when off, flip-invariant when on, same shape always."""
+  state, _ = _setup(tiny_config)
+  v = {'params': state.params, 'batch_stats': state.batch_stats}
+  x = jnp.asarray(_batch(tiny_config, 2)['image'])
+  plain = state.apply_fn(v, x, train=False)
+  np.testing.assert_array_equal(train.models.averaged_logits(state.apply_fn, v, x), plain)
+  flipped = train.models.averaged_logits(state.apply_fn, v, x, flip=True)
+  mirrored = train.models.averaged_logits(state.apply_fn, v, x[:, :, ::-1], flip=True)
+  np.testing.assert_allclose(flipped, mirrored[:, :, ::-1], rtol=1e-5, atol=1e-5)
+  multi = train.models.averaged_logits(state.apply_fn, v, x, flip=True, scales=(0.5, 1.0, 1.5))
+  assert multi.shape == plain.shape and np.isfinite(np.asarray(multi)).all()
+  np.testing.assert_allclose(np.exp(multi).sum(-1), 1.0, rtol=1e-4)
