@@ -207,7 +207,7 @@ def evaluation_pictures(out_dir: str, scores: dict, cm, info, picked, source) ->
   written = [
       drawing.save_iou_bars(scores['per_class'], os.path.join(out_dir, 'iou.png'),
                             miou=scores['miou'], colors=colors,
-                            title=f'{split}: IoU per class ({scores.get("checkpoint", "")})'),
+                            title=f'{split}: IoU per class, {scores.get("checkpoint", "")}'),
       drawing.save_confusion_matrix(cm, names[:k], os.path.join(out_dir, 'confusion_matrix.png'),
                                     title=f'{split}: confusion matrix (rows sum to 1)'),
   ]
