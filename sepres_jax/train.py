@@ -13,7 +13,6 @@ import time
 from typing import Any, Optional
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 from jax import lax

@@ -32,3 +32,23 @@ def run_env(**extra):
   env.pop('XLA_FLAGS', None)
   env.update(extra)
   return env
+
+
+def train_tiny(root, **fields):
+  """(config, workdir) of a finished 1-epoch run of configs/test.py under `root`.
+
+  `fields` override the config, dotted names as keyword-safe paths: data__eval_resize=False.
+  """
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from sepres_jax import train  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.data.cache_dir = str(root / 'cache')
+  config.num_epochs = 1
+  for name, value in fields.items():
+    *parents, leaf = name.split('__')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  train.train_and_evaluate(config, str(root / 'run'))
+  return config, str(root / 'run')

@@ -7,25 +7,18 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import train_tiny
 from sepres_jax import cli
 from sepres_jax import evaluate
 from sepres_jax import input_pipeline
 from sepres_jax import predict
-from sepres_jax import train
 from sepres_jax.data import camvid
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """(config, workdir) of a 1-epoch tiny run: a real checkpoint to predict with."""
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('predict')
-  config = test_config.get_config()
-  config.data.cache_dir = str(root / 'cache')
-  config.num_epochs = 1
-  config.visualize.num_tensorboard_images = 0
-  train.train_and_evaluate(config, str(root / 'run'))
-  return config, str(root / 'run')
+  return train_tiny(tmp_path_factory.mktemp('predict'), visualize__num_tensorboard_images=0)
 
 
 def _mixed_folder(folder):

@@ -7,23 +7,17 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import train_tiny
 from sepres_jax import cli
-from sepres_jax import train
 from sepres_jax import visualize
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """(config, workdir) of a 1-epoch tiny run with 2 TensorBoard prediction images."""
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('visualize')
-  config = test_config.get_config()
-  config.data.cache_dir = str(root / 'cache')
-  config.num_epochs = 1
-  config.visualize.num_tensorboard_images = 2
-  config.data.eval_resize = False  # Validation as --mode=evaluate scores it (eval.input=native).
-  train.train_and_evaluate(config, str(root / 'run'))
-  return config, str(root / 'run')
+  """(config, workdir) of a 1-epoch tiny run with 2 TensorBoard prediction images, validated
+  as --mode=evaluate scores (eval.input=native)."""
+  return train_tiny(tmp_path_factory.mktemp('visualize'), visualize__num_tensorboard_images=2,
+                    data__eval_resize=False)
 
 
 def _png(path, min_hw=(150, 150), min_bytes=5000):
