@@ -166,12 +166,9 @@ def eval_step_per_example(state, batch, *, weights=None, flip=False, scales=(1.0
 
   Per-example confusion matrices give per-image scores (worst images first) in the same pass.
   """
-  logits = models.averaged_logits(state.apply_fn,
-                           {'params': state.params, 'batch_stats': state.batch_stats},
-                           batch['image'], flip, scales)
-  label_hw = batch['label'].shape[1:3]
-  if logits.shape[1:3] != label_hw:  # Native labels of resized images, as train.eval_step.
-    logits = jax.image.resize(logits, (logits.shape[0], *label_hw, logits.shape[-1]), 'bilinear')
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = models.averaged_logits(state.apply_fn, variables, batch['image'], flip, scales)
+  logits = train.logits_at_label_size(logits, batch['label'])
   k = logits.shape[-1]
   loss_sum, weight = metrics.cross_entropy(logits, batch['label'], weights)
   preds = jnp.argmax(logits, -1)

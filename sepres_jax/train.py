@@ -156,6 +156,14 @@ def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float
   return state, out
 
 
+def logits_at_label_size(logits, labels):
+  """Logits resized bilinearly to the labels' height and width (native labels of resized images)."""
+  label_hw = labels.shape[1:3]
+  if logits.shape[1:3] == label_hw:
+    return logits
+  return jax.image.resize(logits, (logits.shape[0], *label_hw, logits.shape[-1]), 'bilinear')
+
+
 def eval_step(state: TrainState, batch, *, weights=None, axis_name: Optional[str] = None):
   """Loss sums and the confusion matrix of one batch (padding labelled -1 never counts).
 
@@ -164,9 +172,7 @@ def eval_step(state: TrainState, batch, *, weights=None, axis_name: Optional[str
   """
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                           batch['image'], train=False)
-  label_hw = batch['label'].shape[1:3]
-  if logits.shape[1:3] != label_hw:
-    logits = jax.image.resize(logits, (logits.shape[0], *label_hw, logits.shape[-1]), 'bilinear')
+  logits = logits_at_label_size(logits, batch['label'])
   loss_sum, weight = metrics.cross_entropy(logits, batch['label'], weights)
   cm = metrics.confusion_matrix(jnp.argmax(logits, -1), batch['label'], logits.shape[-1])
   out = {'loss_sum': loss_sum, 'weight': weight, 'confusion': cm}
