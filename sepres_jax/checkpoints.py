@@ -99,7 +99,7 @@ def restore(manager, step: int, abstract_state, data_iterator=None) -> tuple[Any
   or, when the checkpoint was written by another number of processes, from process 0's. A state
   of another shape raises CheckpointError naming the first array that differs; nothing is written.
   """
-  mismatch = _first_mismatch(manager, step, abstract_state)
+  mismatch = first_mismatch(manager, step, abstract_state)
   if mismatch:
     raise CheckpointError(f'checkpoint {step} in {manager.directory} holds another model '
                           f'({mismatch}); use another --workdir, or the config it was trained with')
@@ -115,7 +115,7 @@ def restore(manager, step: int, abstract_state, data_iterator=None) -> tuple[Any
   return restored['state'], restored['meta']
 
 
-def _first_mismatch(manager, step, abstract_state) -> Optional[str]:
+def first_mismatch(manager, step, abstract_state) -> Optional[str]:
   """'path: checkpoint shape vs model shape' of the first differing array, or None."""
   try:
     stored = manager.item_metadata(step)['state']

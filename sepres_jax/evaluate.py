@@ -43,21 +43,6 @@ def load_weights(path: str, state) -> dict:
                        f'pretrained folder with {WEIGHTS_DIR}/')
 
 
-def restore_state(workdir: str, which: str, state):
-  """(state, step) of the workdir's 'best' or 'latest' checkpoint, restored into `state`'s form."""
-  manager = checkpoints.create_manager(workdir, read_only=True, best_metric=_best_metric(workdir))
-  step = checkpoints.select_step(manager, which)
-  if step is None:
-    raise train.RunError(f'no checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)}')
-  try:
-    restored, _ = checkpoints.restore(manager, step, checkpoints.abstract_like(state))
-  except (ValueError, KeyError) as e:
-    raise train.RunError(f'checkpoint {step} in {workdir} does not fit this model '
-                         f'({_first_line(e)})') from None
-  manager.close()
-  return restored, step
-
-
 def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
   """({'params', 'batch_stats'}, step) of the workdir's 'best' or 'latest' checkpoint.
 
@@ -70,7 +55,7 @@ def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
     manager.close()
     raise train.RunError(f'no checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)}')
   target = checkpoints.abstract_like({'params': state.params, 'batch_stats': state.batch_stats})
-  mismatch = checkpoints._first_mismatch(manager, step, target)  # pylint: disable=protected-access
+  mismatch = checkpoints.first_mismatch(manager, step, target)
   directory = os.fspath(manager.directory)
   manager.close()
   if mismatch:

@@ -417,13 +417,16 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
                      _meta(epoch, rules, history, part), train_iter)
     last_saved = step
 
-  def stopped():
-    if step != last_saved:
-      save_mid_epoch()
+  def close_run():
     checkpoints.wait(manager)
     manager.close()
     if writer:
       writer.close()
+
+  def stopped():
+    if step != last_saved:
+      save_mid_epoch()
+    close_run()
     message = f'Stopped at step {step}; run the same command again to resume.'
     logging.warning(message)
     if is_main:
@@ -531,10 +534,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
                    config.early_stopping.monitor, config.early_stopping.patience)
       break
 
-  checkpoints.wait(manager)
-  manager.close()
-  if writer:
-    writer.close()
+  close_run()
   if is_main:
     from sepres_jax import visualize  # pylint: disable=g-import-not-at-top
     visualize.training_curves(workdir)
