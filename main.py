@@ -10,7 +10,8 @@ import jax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-_MODES = ('train', 'evaluate', 'visualize', 'predict', 'summary', 'benchmark', 'verify')
+_MODES = ('train', 'evaluate', 'visualize', 'predict', 'export', 'summary', 'benchmark',
+          'verify')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, history and pictures.')
 flags.DEFINE_enum('mode', 'train', _MODES, 'What to do.')
 flags.DEFINE_bool('verbose', False, 'Show full tracebacks of errors.')

@@ -114,4 +114,9 @@ def get_config():
   config.predict.resize = ''  # 'resize' (image_size, and back), 'native' (pad to /32), '': eval.input.
   config.predict.batch_size = 4  # Images per forward pass (of one size).
   config.predict.alpha = 0.5  # Opacity of the class colours in <stem>_overlay.png.
+
+  # --mode=export: the network as a jax.export artifact + meta.json (see sepres_jax/exported.py).
+  # Its input is predict's: predict.resize (or eval.input), data.image_size, eval.flip/scales.
+  config.export = ml_collections.ConfigDict()
+  config.export.output = ''  # Output folder; '' writes into <workdir>/export.
   return config

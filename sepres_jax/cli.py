@@ -48,6 +48,9 @@ def _dispatch(mode, config, workdir):
   elif mode == 'predict':
     from sepres_jax import predict
     return predict.predict(config, workdir)
+  elif mode == 'export':
+    from sepres_jax import export
+    return export.export(config, workdir)
   elif mode == 'summary':
     from sepres_jax import summary
     return summary.summary(config)

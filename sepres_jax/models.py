@@ -148,7 +148,8 @@ def averaged_logits(apply_fn, variables, images, flip: bool = False, scales=(1.0
   probs = 0.0
   n = 0
   for s in scales:
-    sh, sw = (max(32, int(round(d * s / 32)) * 32) for d in (h, w))
+    # Scale 1 keeps the size as it is (also a symbolic size, as in an exported model).
+    sh, sw = (h, w) if s == 1 else (max(32, int(round(d * s / 32)) * 32) for d in (h, w))
     x = images if (sh, sw) == (h, w) else jax.image.resize(images, (b, sh, sw, c), 'bilinear')
     for flipped in ((False, True) if flip else (False,)):
       logits = apply_fn(variables, x[:, :, ::-1] if flipped else x, train=False)
