@@ -107,13 +107,14 @@ def get_config():
   config.visualize.num_images = 4  # Images drawn (class masks, label panel, resize comparison).
   config.visualize.num_tensorboard_images = 3  # Fixed val images + predictions in TensorBoard.
 
-  # Prediction on any images (--mode=predict).
+  # Prediction on any images and videos (--mode=predict).
   config.predict = ml_collections.ConfigDict()
-  config.predict.input = ''  # An image, a folder (its image files) or a glob.
+  config.predict.input = ''  # An image, a video, a folder (its images and videos) or a glob.
   config.predict.output = ''  # Output folder; '' writes into <workdir>/predictions.
   config.predict.resize = ''  # 'resize' (image_size, and back), 'native' (pad to /32), '': eval.input.
-  config.predict.batch_size = 4  # Images per forward pass (of one size).
-  config.predict.alpha = 0.5  # Opacity of the class colours in <stem>_overlay.png.
+  config.predict.batch_size = 4  # Images or video frames per forward pass (of one size).
+  config.predict.alpha = 0.5  # Opacity of the class colours in <stem>_overlay.png (and .mp4).
+  config.predict.save_frames = False  # Videos: also each frame's class ids, <stem>_frames/*.png.
 
   # --mode=export: the network as a jax.export artifact + meta.json (see sepres_jax/exported.py).
   # Its input is predict's: predict.resize (or eval.input), data.image_size, eval.flip/scales.

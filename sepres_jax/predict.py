@@ -1,4 +1,4 @@
-"""Prediction on any images: a file, a folder or a glob -> class ids, colours and overlays.
+"""Prediction on any images and videos: a file, a folder or a glob -> class ids and overlays.
 
 Images of any size are either padded (bottom/right, with the value 0 that padding has in
 evaluation) to a multiple of 32 and the prediction cropped back ('native'), or resized to
@@ -7,6 +7,8 @@ as `--mode=evaluate` scores them, so a prediction here equals the evaluation pat
 Grey, RGB, RGBA (alpha dropped), palette and 16-bit PNGs, JPEGs (EXIF orientation applied) and
 anything else PIL reads are accepted. Per input `<stem>`, the output folder gets `<stem>.png`
 (class ids, uint8, the input's height and width), `<stem>_color.png` and `<stem>_overlay.png`.
+Videos (by suffix, or files PIL cannot read that OpenCV decodes) are predicted frame by frame into
+`<stem>_overlay.mp4` and, with `predict.save_frames`, `<stem>_frames/` (see sepres_jax/video.py).
 """
 
 import glob
@@ -25,7 +27,8 @@ from sepres_jax import drawing
 from sepres_jax import input_pipeline
 from sepres_jax import models
 from sepres_jax import train
-from sepres_jax.data import camvid
+from sepres_jax import video
+from sepres_jax.data import folder
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm')
 SKIPPED_STATUS = 3  # Exit status when some inputs could not be read (the others were predicted).
@@ -98,22 +101,23 @@ def input_mode(config) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def find_inputs(pattern: str) -> list[str]:
-  """An image file, a folder's image files (sorted, not recursive) or a glob's files."""
+  """An image or video, a folder's images and videos (sorted, not recursive) or a glob's files."""
   if not pattern:
-    raise train.RunError('set --config.predict.input=PATH (an image, a folder or a glob)')
+    raise train.RunError('set --config.predict.input=PATH (an image, a video, a folder or a glob)')
   path = os.path.expanduser(pattern)
   if os.path.isfile(path):
     return [path]
   if os.path.isdir(path):
+    suffixes = IMAGE_SUFFIXES + video.VIDEO_SUFFIXES
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if not f.startswith('.') and f.lower().endswith(IMAGE_SUFFIXES)
+                   if not f.startswith('.') and f.lower().endswith(suffixes)
                    and os.path.isfile(os.path.join(path, f)))
     if not files:
-      raise train.RunError(f'{path}: no image files ({", ".join(IMAGE_SUFFIXES)}) in the folder')
+      raise train.RunError(f'{path}: no image or video files ({", ".join(suffixes)}) in the folder')
     return files
   files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
   if not files:
-    raise train.RunError(f'{pattern}: no such image, folder or glob match')
+    raise train.RunError(f'{pattern}: no such image, video, folder or glob match')
   return files
 
 
@@ -159,22 +163,44 @@ def predict(config, workdir: str) -> int:
                     config.eval.flip, config.eval.scales)
   print(f'predicting {len(paths)} file(s) with the {origin}, input {mode}, into {out_dir}')
   done, skipped = predict_files(config, forward, paths, out_dir)
-  print(f'wrote {3 * done} files for {done} image(s) into {out_dir}'
+  print(f'predicted {done} of {len(paths)} file(s) into {out_dir}'
         + (f'; skipped {len(skipped)}: {", ".join(skipped)}' if skipped else ''))
   if not done:
     raise train.RunError(f'none of the {len(paths)} input file(s) could be read')
   return SKIPPED_STATUS if skipped else 0
 
 
+def model_input(config, rgb) -> np.ndarray:
+  """uint8 RGB [h, w, 3] -> the model's float32 input: resized ('resize') or padded ('native')."""
+  if input_mode(config) == 'resize':
+    return input_pipeline.preprocess_image(rgb, config.data, tuple(config.data.image_size))
+  return pad_to_multiple(input_pipeline.preprocess_image(rgb, config.data))
+
+
+def label_maps(config, forward: Forward, rgbs, images=None) -> list[np.ndarray]:
+  """uint8 class ids [h, w] of each RGB image, in one batch of predict.batch_size (or fewer).
+
+  `images` are their `model_input`s (computed when None), all of one shape.
+  """
+  images = [model_input(config, rgb) for rgb in rgbs] if images is None else images
+  x = np.zeros((max(1, int(config.predict.batch_size)), *images[0].shape), np.float32)
+  x[:len(images)] = images  # Full batches: one compilation per input shape.
+  logits = forward.logits(x)
+  if input_mode(config) == 'native':  # Crop the padding off.
+    all_ids = forward.class_ids(logits)
+    return [all_ids[k, :rgb.shape[0], :rgb.shape[1]] for k, rgb in enumerate(rgbs)]
+  # Resize: the logits back to each image's size, as evaluation does.
+  return [forward.class_ids(logits[k:k + 1], rgb.shape[:2])[0] for k, rgb in enumerate(rgbs)]
+
+
 def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, list[str]]:
-  """Predicts `paths` in batches of one input shape; returns (images done, skipped paths).
+  """Predicts `paths` (images in batches of one input shape, videos); returns (done, skipped).
 
   An unreadable file is reported on stderr by name and skipped; the others are still predicted.
   """
-  mode = input_mode(config)
-  size = tuple(int(s) for s in config.data.image_size) if mode == 'resize' else None
   batch_size = max(1, int(config.predict.batch_size))
-  colors = np.asarray(camvid.COLORS)  # The dataset's palette: synthetic scenes share it.
+  colors = folder.class_palette(config.data)[1]
+  alpha = float(config.predict.alpha)
   os.makedirs(out_dir, exist_ok=True)
   skipped, done = [], 0
   pending = []  # (stem, rgb, model input), all of one model input shape.
@@ -184,37 +210,45 @@ def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, l
     nonlocal done
     if not pending:
       return
-    x = np.zeros((batch_size, *pending[0][2].shape), np.float32)  # Full batches: one compile.
-    for k, (_, _, image) in enumerate(pending):
-      x[k] = image
-    logits = forward.logits(x)
-    if mode == 'native':
-      all_ids = forward.class_ids(logits)
-    for k, (stem, rgb, _) in enumerate(pending):
-      h, w = rgb.shape[:2]
-      # Native: crop the padding off; resize: logits back to this image's size, as evaluation.
-      if mode == 'native':
-        ids = all_ids[k, :h, :w]
-      else:
-        ids = forward.class_ids(logits[k:k + 1], (h, w))[0]
-      write_outputs(out_dir, stem, rgb, ids, colors, float(config.predict.alpha))
+    ids = label_maps(config, forward, [p[1] for p in pending], [p[2] for p in pending])
+    for (stem, rgb, _), image_ids in zip(pending, ids):
+      write_outputs(out_dir, stem, rgb, image_ids, colors, alpha)
     done += len(pending)
-    logging.info('predicted %d/%d images (%.1f images/s)', done + len(skipped), len(paths),
+    logging.info('predicted %d/%d files (%.1f images/s)', done + len(skipped), len(paths),
                  done / max(time.time() - t0, 1e-9))
     pending.clear()
 
+  def skip(path, what, e):
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'error: {path}: cannot read {what}, skipped ({reason})', file=sys.stderr)
+    skipped.append(path)
+
+  def predict_video(path, stem):
+    nonlocal done
+    flush()  # Images first, in input order.
+    try:
+      video.predict_video(path, out_dir, stem, lambda rgbs: label_maps(config, forward, rgbs),
+                          colors, alpha=alpha, batch_size=batch_size,
+                          save_frames=bool(config.predict.save_frames))
+    except video.VideoError as e:
+      skip(path, 'video', e)
+      return
+    done += 1
+
   for path, stem in zip(paths, output_stems(paths)):
+    if video.has_video_suffix(path):
+      predict_video(path, stem)
+      continue
     try:
       rgb = read_rgb(path)
     except Exception as e:  # pylint: disable=broad-except
       # PIL raises many types for zero-byte, truncated and non-image files.
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      print(f'error: {path}: cannot read image, skipped ({reason})', file=sys.stderr)
-      skipped.append(path)
+      if video.decodes(path):
+        predict_video(path, stem)
+      else:
+        skip(path, 'image', e)
       continue
-    image = input_pipeline.preprocess_image(rgb, config.data, size)
-    if mode == 'native':
-      image = pad_to_multiple(image)
+    image = model_input(config, rgb)
     if pending and (pending[0][2].shape != image.shape or len(pending) == batch_size):
       flush()
     pending.append((stem, rgb, image))

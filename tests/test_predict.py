@@ -1,17 +1,21 @@
-"""--mode=predict on any images, and --mode=summary, from a tiny model trained once."""
+"""--mode=predict on any images and videos, and --mode=summary, from a tiny model trained once."""
 
 import glob
 import os
+import shutil
 
+import cv2
 import numpy as np
 from PIL import Image
 import pytest
 
 from conftest import train_tiny
 from sepres_jax import cli
+from sepres_jax import drawing
 from sepres_jax import evaluate
 from sepres_jax import input_pipeline
 from sepres_jax import predict
+from sepres_jax import video
 from sepres_jax.data import camvid
 
 
@@ -82,6 +86,106 @@ def test_prediction_equals_evaluation_path(trained, tmp_path, mode):
   h, w = ids.shape
   assert (h, w) == (config.data.synthetic.height, config.data.synthetic.width)
   np.testing.assert_array_equal(ids, per_example['pred'][k][:h, :w])
+
+
+def _write_video(path, frames, fps, fourcc='FFV1'):
+  """RGB frames -> a video file (FFV1 in .avi: lossless, so its frames are these)."""
+  h, w = frames[0].shape[:2]
+  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+  assert writer.isOpened()
+  for frame in frames:
+    writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+  writer.release()
+
+
+def _decode(path):
+  """(RGB frames, fps, (width, height)) as OpenCV reads them."""
+  capture = cv2.VideoCapture(str(path))
+  assert capture.isOpened(), path
+  fps = capture.get(cv2.CAP_PROP_FPS)
+  size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+  frames = []
+  while (frame := capture.read())[0]:
+    frames.append(cv2.cvtColor(frame[1], cv2.COLOR_BGR2RGB))
+  capture.release()
+  return frames, fps, size
+
+
+def _ids(path):
+  return np.asarray(Image.open(path))
+
+
+def _luma(rgb):
+  return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float64)
+
+
+def test_predict_video(trained, tmp_path, capsys):
+  """A folder with a video, its frames as images and a corrupt video: frame labels as images'."""
+  config, workdir = trained
+  scenes = sorted(glob.glob(os.path.join(config.data.cache_dir, 'synthetic-*', 'train', '*.png')))
+  frames = [np.asarray(Image.open(f).convert('RGB')) for f in scenes[:7]]  # 72x96, all different.
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  _write_video(inputs / 'clip.avi', frames, fps=12)
+  decoded, fps, size = _decode(inputs / 'clip.avi')  # Exactly what predict will see.
+  assert len(decoded) == 7 and fps == 12 and size == (96, 72)
+  for i, frame in enumerate(decoded):  # The same frames as image files.
+    Image.fromarray(frame).save(inputs / f'frame{i}.png')
+  (inputs / 'broken.mp4').write_bytes(b'not a video at all' * 10)
+  config = config.copy_and_resolve_references()
+  config.predict.input = str(inputs)
+  config.predict.output = str(tmp_path / 'out')
+  config.predict.batch_size = 3  # 7 frames: batches of 3, 3 and 1.
+  config.predict.save_frames = True
+  status = cli.run('predict', config, workdir)
+  out, err = capsys.readouterr()
+  assert status == predict.SKIPPED_STATUS != 0
+  errors = [l for l in err.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'broken.mp4' in errors[0] and 'video' in errors[0], err
+  out_dir = tmp_path / 'out'
+  overlay_path = out_dir / 'clip_overlay.mp4'
+  images = {f'frame{i}{suffix}.png' for i in range(7) for suffix in ('', '_color', '_overlay')}
+  assert set(os.listdir(out_dir)) == images | {'clip_overlay.mp4', 'clip_frames'}
+  assert sorted(os.listdir(out_dir / 'clip_frames')) == [f'{i:06d}.png' for i in range(7)]
+  assert any('7 frames' in l and str(overlay_path) in l for l in out.splitlines()), out
+
+  overlays, overlay_fps, overlay_size = _decode(overlay_path)
+  assert len(overlays) == 7 and overlay_fps == 12 and overlay_size == (96, 72)
+  errors = []
+  for i, (frame, picture) in enumerate(zip(decoded, overlays)):
+    ids = _ids(out_dir / f'frame{i}.png')
+    np.testing.assert_array_equal(_ids(out_dir / 'clip_frames' / f'{i:06d}.png'), ids)
+    # Overlay frame i is frame i's overlay up to mp4v's loss, compared in luma (chroma is
+    # subsampled): ~3 here; another frame's overlay differs by ~20, R and B swapped by ~6.
+    expected = drawing.overlay(frame, ids, camvid.COLORS, 0.5)
+    errors.append(np.abs(_luma(picture) - _luma(expected)).mean())
+  assert max(errors) < 10 and np.mean(errors) < 4.5, errors
+
+
+def test_video_detection(tmp_path):
+  """Videos by suffix, or files PIL cannot read that OpenCV decodes (what predict_files tries)."""
+  frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), np.uint8) for i in range(2)]
+  _write_video(tmp_path / 'clip.avi', frames, fps=5)
+  shutil.copy(tmp_path / 'clip.avi', tmp_path / 'clip.data')
+  (tmp_path / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\nnot a png at all')
+  (tmp_path / 'empty.mkv').write_bytes(b'')
+  assert video.has_video_suffix('a/B.MKV') and not video.has_video_suffix('clip.data')
+  assert video.decodes(str(tmp_path / 'clip.data'))
+  assert not video.decodes(str(tmp_path / 'corrupt.png'))
+  assert not video.decodes(str(tmp_path / 'empty.mkv'))
+  with pytest.raises(video.VideoError, match='empty file'):
+    video.open_video(str(tmp_path / 'empty.mkv'))
+  assert predict.find_inputs(str(tmp_path)) == [str(tmp_path / f)
+                                                for f in ('clip.avi', 'corrupt.png', 'empty.mkv')]
+
+
+def test_overlay_codec_fallback(tmp_path, monkeypatch):
+  monkeypatch.setattr(video, 'CODECS', (('ZZZZ', '.mp4'), ('MJPG', '.avi')))
+  writer, path = video.open_writer(str(tmp_path / 'x_overlay'), 10.0, (64, 48))
+  writer.write(np.zeros((48, 64, 3), np.uint8))
+  writer.release()
+  assert path == str(tmp_path / 'x_overlay.avi') and os.listdir(tmp_path) == ['x_overlay.avi']
+  assert len(_decode(path)[0]) == 1
 
 
 def test_write_outputs_known_label_map(tmp_path):
