@@ -25,12 +25,15 @@ flags.DEFINE_bool('distributed', False, 'Initialise the distributed runtime from
                   '(TPU pod, SLURM, Open MPI, GKE) when no address is given.')
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).',
                                 lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
+_NO_WORKDIR_MODES = ('summary', 'benchmark', 'verify')  # Modes that read and write no run.
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.workdir is None and FLAGS.mode not in _NO_WORKDIR_MODES:
+    sys.exit(f'error: --mode={FLAGS.mode} needs --workdir=DIR')
   _initialize_distributed()
   from sepres_jax import cli  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),

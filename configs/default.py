@@ -22,7 +22,7 @@ def get_config():
 
   # Data.
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'camvid'  # 'camvid' (a folder or the public archive) or 'synthetic'.
+  config.data.name = 'camvid'  # 'camvid' (a folder or the archive), 'folder' or 'synthetic'.
   config.data.manual_dir = ''  # Local CamVid folder (SegNet or prepped layout); '' downloads.
   config.data.cache_dir = '~/.cache/sepres_jax'  # Built datasets go here, never into manual_dir.
   config.data.split = 'official'  # 'official' (train/val/test) or 'random85' (85:15 of train).
@@ -41,6 +41,18 @@ def get_config():
   config.data.num_workers = 0  # grain worker processes (0: threads in the main process).
   config.data.num_threads = 2  # grain reader threads.
   config.data.prefetch = 4  # Batches prefetched ahead of the train step.
+  # Any folder of image/label pairs (data.name='folder'; see configs/custom.py and the README).
+  config.data.folder = ml_collections.ConfigDict()
+  config.data.folder.images = 'images'  # Image sub-folder of data.manual_dir.
+  config.data.folder.labels = 'labels'  # Label sub-folder (files matched to images by stem).
+  config.data.folder.encoding = 'ids'  # 'ids' (single-channel class ids) or 'colors' (RGB).
+  config.data.folder.classes_file = ''  # Lines "name id R G B"; replaces class_names/colors.
+  config.data.folder.class_names = ()  # The K class names, in id order 0..K-1.
+  config.data.folder.colors = ()  # Their K colours, ((R, G, B), ...): palette and pictures.
+  config.data.folder.ignore_value = 255  # Label id of void/unlabelled pixels (ids encoding).
+  config.data.folder.ignore_color = ()  # Void colour (colours encoding); () = (0, 0, 0).
+  config.data.folder.splits = 'folders'  # 'folders', 'lists' (<split>.txt) or 'random'.
+  config.data.folder.fractions = (0.7, 0.15, 0.15)  # Train/val/test fractions of 'random'.
   # Synthetic scenes (data.name='synthetic').
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.num_train = 96

@@ -115,7 +115,8 @@ def evaluate(config, workdir: str) -> dict:
   picker = visualize.PanelPicker(config.eval.get('num_panels', 0),
                                  config.eval.get('worst_first', True))
   loss_sum, weight, cm = 0.0, 0.0, None
-  passes = eval_pass(state, mesh, batches, train.class_weights(config), config.eval.flip,
+  weights = train.class_weights(config, sources.get('train'))
+  passes = eval_pass(state, mesh, batches, weights, config.eval.flip,
                      config.eval.scales)
   for batch, sums, per_example in passes:
     loss_sum += float(sums['loss_sum'])

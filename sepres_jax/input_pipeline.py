@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from sepres_jax import augment
 from sepres_jax.data import camvid
+from sepres_jax.data import folder as folder_data
 from sepres_jax.data import synthetic
 from sepres_jax.data.camvid import DataError
 
@@ -100,9 +101,11 @@ def _data_folder(data_config, cache_dir):
   """The local folder to build from, or None to download the public archive."""
   if data_config.name == 'synthetic':
     return _synthetic_folder(data_config, cache_dir)
-  if data_config.name != 'camvid':
-    raise ValueError(f"data.name={data_config.name!r}: expected 'camvid' or 'synthetic'")
+  if data_config.name not in ('camvid', 'folder'):
+    raise DataError(f"data.name={data_config.name!r}: expected 'camvid', 'folder' or 'synthetic'")
   if not data_config.manual_dir:
+    if data_config.name == 'folder':
+      raise DataError("data.name='folder' needs the data folder: --config.data.manual_dir=PATH")
     return None
   folder = Path(os.path.abspath(os.path.expanduser(data_config.manual_dir)))
   if not folder.is_dir():
@@ -116,19 +119,27 @@ def build_dataset(data_config):
   """Builds (or reuses) the tfds dataset; returns the prepared builder."""
   cache_dir = Path(os.path.abspath(os.path.expanduser(data_config.cache_dir)))
   cache_dir.mkdir(parents=True, exist_ok=True)
+  if data_config.name == 'folder':
+    spec = folder_data.spec_of(data_config)  # Checks the classes before touching the folder.
   folder = _data_folder(data_config, cache_dir)
   if folder is None:
     builder = camvid.CamVid(data_dir=os.fspath(cache_dir / 'tfds' / 'download'),
                             file_format='array_record')
     builder.download_and_prepare()
+    return builder
+  if data_config.name == 'folder':
+    # The records depend on the palette, encoding and splits too: they are part of the key.
+    data_dir = cache_dir / 'tfds' / f'folder-{folder_fingerprint(folder)}-{folder_data.spec_key(spec)}'
+    builder = folder_data.FolderDataset(spec=spec, data_dir=os.fspath(data_dir),
+                                        file_format='array_record')
   else:
     camvid.find_layout(folder)  # Fail early, naming the folder, if it is not CamVid.
     data_dir = cache_dir / 'tfds' / folder_fingerprint(folder)
     builder = camvid.CamVid(data_dir=os.fspath(data_dir), file_format='array_record')
-    # tfds writes into an `incomplete.*` folder and renames it when done, so an interrupted build
-    # is never mistaken for a finished one; an existing finished build is only opened.
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(folder)))
+  # tfds writes into an `incomplete.*` folder and renames it when done, so an interrupted build
+  # is never mistaken for a finished one; an existing finished build is only opened.
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(folder)))
   return builder
 
 
@@ -146,7 +157,9 @@ def load_sources(data_config):
   """
   builder = build_dataset(data_config)
   available = set(builder.info.splits.keys())
-  if data_config.split == 'official':
+  if data_config.name == 'folder':  # Its splits were made when it was built (data.folder.splits).
+    sources = {s: builder.as_data_source(split=s) for s in ('train', 'val', 'test') if s in available}
+  elif data_config.split == 'official':
     if 'val' not in available:
       raise DataError('this CamVid folder (prepped layout) has no val split; use '
                       '--config.data.split=random85')
@@ -158,12 +171,12 @@ def load_sources(data_config):
                'val': SubsetSource(full_train, val_idx),
                'test': builder.as_data_source(split='test')}
   else:
-    raise ValueError(f"data.split={data_config.split!r}: expected 'official' or 'random85'")
+    raise DataError(f"data.split={data_config.split!r}: expected 'official' or 'random85'")
 
   meta = builder.info.metadata
   num_classes = len(meta['class_names']) - 1
   if data_config.num_classes != num_classes:
-    raise ValueError(f'data.num_classes={data_config.num_classes} but the dataset has '
+    raise DataError(f'data.num_classes={data_config.num_classes} but the dataset has '
                      f'{num_classes} classes')
   info = DatasetInfo(
       class_names=tuple(meta['class_names']),
@@ -205,6 +218,18 @@ def preprocess_label(label_uint8, size=None):
   if size is not None and tuple(label.shape) != tuple(size):
     label = cv2.resize(label, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
   return label.astype(np.int32)
+
+
+def class_pixel_counts(source, num_classes: int):
+  """(pixels of each class, pixels of the images that contain it) over a split's labels."""
+  counts = np.zeros(num_classes, np.int64)
+  present = np.zeros(num_classes, np.int64)
+  for i in range(len(source)):
+    label = np.asarray(source[i]['label']).reshape(-1)
+    c = np.bincount(label, minlength=num_classes + 1)[:num_classes]
+    counts += c
+    present += np.where(c > 0, label.size, 0)
+  return counts, present
 
 
 def steps_per_epoch(num_examples, global_batch_size):

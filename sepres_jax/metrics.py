@@ -85,3 +85,25 @@ def format_table(scores: dict) -> str:
                f"{100 * scores['pixel_accuracy']:.2f}  mean class accuracy "
                f"{100 * scores['mean_class_accuracy']:.2f}")
   return '\n'.join(lines)
+
+
+def frequency_weights(counts, present, kind: str) -> np.ndarray:
+  """Class weights from training-label statistics.
+
+  counts[c]: pixels of class c; present[c]: pixels of the images that contain c.
+  'median_frequency' (SegNet): f_c = counts / present, w_c = median(f) / f_c.
+  'inverse_log' (ENet): p_c = counts / counts.sum(), w_c = 1 / ln(1.02 + p_c).
+  A class absent from the training labels gets weight 1 (it never occurs in the loss anyway).
+  """
+  counts, present = np.asarray(counts, np.float64), np.asarray(present, np.float64)
+  seen = counts > 0
+  w = np.ones(len(counts))
+  if kind == 'median_frequency':
+    f = counts[seen] / present[seen]
+    w[seen] = np.median(f) / f
+  elif kind == 'inverse_log':
+    p = counts[seen] / max(counts.sum(), 1.0)
+    w[seen] = 1.0 / np.log(1.02 + p)
+  else:
+    raise ValueError(f'unknown class weighting {kind!r}')
+  return w.astype(np.float32)

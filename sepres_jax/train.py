@@ -48,19 +48,31 @@ def num_outputs(config) -> int:
   return config.data.num_classes + (0 if config.data.ignore_void else 1)
 
 
-def class_weights(config) -> Optional[np.ndarray]:
-  """Per-class loss weights from `config.data.class_weights`, or None."""
+def class_weights(config, train_source=None) -> Optional[np.ndarray]:
+  """Per-class loss weights from `config.data.class_weights`, or None.
+
+  'median_frequency' (SegNet: median(f) / f_c, f_c = pixels of c / pixels of the images that
+  contain c) and 'inverse_log' (ENet: 1 / ln(1.02 + p_c), p_c = share of c among labelled pixels)
+  are computed from the training labels; CamVid's median-frequency weights are SegNet's published
+  ones.
+  """
   spec = config.data.class_weights
   if not spec:
     return None
-  if spec == 'median_frequency':
+  if spec == 'median_frequency' and config.data.name == 'camvid':
     from sepres_jax.data import camvid  # pylint: disable=g-import-not-at-top
     w = list(camvid.MEDIAN_FREQUENCY_WEIGHTS)
+  elif spec in ('median_frequency', 'inverse_log'):
+    if train_source is None:
+      raise RunError(f'config.data.class_weights={spec!r} needs the training labels')
+    counts, present = input_pipeline.class_pixel_counts(train_source, config.data.num_classes)
+    w = list(metrics.frequency_weights(counts, present, spec))
   else:
     try:
       w = [float(v) for v in str(spec).split(',')]
     except ValueError:
-      raise RunError(f'config.data.class_weights: not a list of numbers: {spec!r}') from None
+      raise RunError(f"config.data.class_weights: expected 'median_frequency', 'inverse_log' or a "
+                     f'list of numbers, got {spec!r}') from None
   if len(w) == config.data.num_classes < num_outputs(config):
     w.append(0.0)  # Void learned as a class gets weight 0 unless given.
   if len(w) != num_outputs(config):
@@ -365,7 +377,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   model = models.create_model(config, num_outputs(config), bn_axis_name=axis)
   state = create_train_state(config, model, jax.random.key(config.seed), mesh,
                              config.num_epochs * steps_per_epoch)
-  stepper = Stepper(config, mesh, class_weights(config))
+  stepper = Stepper(config, mesh, class_weights(config, sources['train']))
   rules = EpochRules(config)
   history: list[dict] = []
   epoch = 0

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sepres_jax import input_pipeline
+from sepres_jax import metrics
 from sepres_jax import train
 
 
@@ -66,13 +68,34 @@ def test_learning_rate_is_injected_without_retrace(tiny_config):
 
 def test_class_weights(tiny_config):
   assert train.class_weights(tiny_config) is None
+  tiny_config.data.name = 'camvid'
   tiny_config.data.class_weights = 'median_frequency'
-  w = train.class_weights(tiny_config)
+  w = train.class_weights(tiny_config)  # CamVid: SegNet's published weights.
   assert w.shape == (11,) and w[3] == pytest.approx(0.1417)
   tiny_config.data.ignore_void = False
   assert train.class_weights(tiny_config)[11] == 0.0
   tiny_config.data.class_weights = '1,2'
   with pytest.raises(train.RunError, match='class_weights'):
+    train.class_weights(tiny_config)
+
+
+def test_class_weights_from_training_labels(tiny_config):
+  # Two 2x2 label maps, 3 classes and void (3): class 0 in both, 1 in the first, 2 nowhere.
+  labels = [np.array([[0, 0], [1, 3]], np.uint8), np.array([[0, 0], [0, 0]], np.uint8)]
+  source = [{'label': l[..., None]} for l in labels]
+  counts, present = input_pipeline.class_pixel_counts(source, 3)
+  np.testing.assert_array_equal(counts, [6, 1, 0])
+  np.testing.assert_array_equal(present, [8, 4, 0])
+  # f = (6/8, 1/4), median 0.5 -> w = (0.5/0.75, 0.5/0.25); absent class 1.
+  np.testing.assert_allclose(metrics.frequency_weights(counts, present, 'median_frequency'),
+                             [2 / 3, 2.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(metrics.frequency_weights(counts, present, 'inverse_log'),
+                             [1 / np.log(1.02 + 6 / 7), 1 / np.log(1.02 + 1 / 7), 1.0], rtol=1e-6)
+  tiny_config.data.num_classes = 3
+  tiny_config.data.class_weights = 'inverse_log'  # Synthetic data: computed, not CamVid's.
+  w = train.class_weights(tiny_config, source)
+  assert w[1] > w[0] > 0
+  with pytest.raises(train.RunError, match='training labels'):
     train.class_weights(tiny_config)
 
 

@@ -224,3 +224,82 @@ def write_synthetic_camvid(out_dir, *, num_train, num_val, num_test, height, wid
       lines.append(f'/SegNet/CamVid/{split}/{name} /SegNet/CamVid/{split}annot/{name}\n')
     (out_dir / f'{split}.txt').write_text(''.join(lines))
   return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# A custom folder data set: coloured shapes on noise (data.name='folder').
+# ---------------------------------------------------------------------------------------------
+
+SHAPE_CLASSES = ('background', 'disc', 'box')
+SHAPE_COLORS = ((40, 40, 40), (230, 60, 60), (60, 120, 230))  # Label colours (colours encoding).
+SHAPE_VOID_COLOR = (255, 255, 255)
+SHAPE_IGNORE_VALUE = 255  # Void in the class-id encoding.
+
+
+def draw_shapes(rng, height, width):
+  """(rgb uint8 [H, W, 3], label uint8 [H, W] with void = 3): discs and boxes on noise.
+
+  Discs are reddish and boxes bluish with overlapping spreads, so shape helps; a void band of
+  random width runs along one edge, and unlabelled specks are scattered as void too.
+  """
+  img = rng.normal(120, 35, (height, width, 3))
+  label = np.zeros((height, width), np.uint8)
+  for _ in range(rng.integers(2, 5)):
+    cls = int(rng.integers(1, 3))
+    size = rng.uniform(0.12, 0.28) * min(height, width)
+    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    mask = np.zeros((height, width), np.uint8)
+    if cls == 1:
+      cv2.circle(mask, (int(cx), int(cy)), int(size), 1, -1)
+      colour = _jitter(rng, (200, 80, 70), 25)
+    else:
+      cv2.rectangle(mask, (int(cx - size), int(cy - size * 0.7)),
+                    (int(cx + size), int(cy + size * 0.7)), 1, -1)
+      colour = _jitter(rng, (70, 110, 200), 25)
+    m = mask.astype(bool)
+    img[m] = colour + rng.normal(0, 20, (int(m.sum()), 3))
+    label[m] = cls
+  band = int(rng.integers(2, max(3, height // 8)))
+  label[-band:] = 3  # Void: an unlabelled strip at the bottom.
+  specks = rng.random((height, width)) < 0.01
+  label[specks] = 3
+  img = cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8), (3, 3), 0)
+  return img, label
+
+
+def write_shapes_folder(root, encoding='ids', splits='folders', counts=(24, 8, 8), height=64,
+                        width=80, seed=0, image_suffix='.jpg'):
+  """Writes a 3-class (+ void) data set for data.name='folder'; returns its classes file path.
+
+  encoding 'ids': single-channel PNG labels with void 255; 'colors': RGB PNG labels in
+  SHAPE_COLORS with void SHAPE_VOID_COLOR. splits 'folders' writes images/<split>/ and
+  labels/<split>/; 'lists' and 'random' write images/ and labels/ (and <split>.txt for 'lists').
+  The classes file (classes.txt: "name id R G B" per line, void as id 255) is written too.
+  """
+  root = Path(root)
+  lists = {}
+  for split, count in zip(('train', 'val', 'test'), counts):
+    sub = split if splits == 'folders' else ''
+    (root / 'images' / sub).mkdir(parents=True, exist_ok=True)
+    (root / 'labels' / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+      rng = np.random.default_rng((seed, _SPLIT_CODES[split], i))
+      rgb, label = draw_shapes(rng, height, width)
+      stem = f'{split}_{i:04d}'
+      cv2.imwrite(os.fspath(root / 'images' / sub / f'{stem}{image_suffix}'), rgb[..., ::-1])
+      if encoding == 'ids':
+        out = np.where(label == 3, SHAPE_IGNORE_VALUE, label).astype(np.uint8)
+      else:
+        palette = np.asarray(SHAPE_COLORS + (SHAPE_VOID_COLOR,), np.uint8)
+        out = palette[label][..., ::-1]  # cv2 writes BGR.
+      cv2.imwrite(os.fspath(root / 'labels' / sub / f'{stem}.png'), out)
+      lists.setdefault(split, []).append(f'{stem}{image_suffix}')
+  if splits == 'lists':
+    for split, names in lists.items():
+      (root / f'{split}.txt').write_text('\n'.join(names) + '\n')
+  classes = root / 'classes.txt'
+  rows = [f'{n} {i} {" ".join(map(str, c))}' for i, (n, c) in
+          enumerate(zip(SHAPE_CLASSES, SHAPE_COLORS))]
+  classes.write_text('# name id R G B\n' + '\n'.join(rows) +
+                     f'\nvoid {SHAPE_IGNORE_VALUE} {" ".join(map(str, SHAPE_VOID_COLOR))}\n')
+  return classes

@@ -1,0 +1,250 @@
+"""A custom folder of image/label pairs (data.name='folder'): classes, encodings, splits, verify,
+and training on it until it learns, in both label encodings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import ROOT, run_env
+from sepres_jax import input_pipeline
+from sepres_jax import train
+from sepres_jax.data import folder
+from sepres_jax.data import synthetic
+from sepres_jax.data.camvid import DataError
+
+
+def _config(tmp_path, root, encoding='ids', splits='folders', classes_file=None):
+  from configs import custom  # pylint: disable=g-import-not-at-top
+  config = custom.get_config()
+  config.data.manual_dir = os.fspath(root)
+  config.data.cache_dir = os.fspath(tmp_path / 'cache')
+  config.data.folder.encoding = encoding
+  config.data.folder.splits = splits
+  if classes_file:
+    config.data.folder.classes_file = os.fspath(classes_file)
+  config.data.image_size = (64, 64)
+  return config
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+  """{(encoding, splits): folder} of the coloured-shapes data set."""
+  base = tmp_path_factory.mktemp('shapes')
+  out = {}
+  for encoding, splits in (('ids', 'folders'), ('colors', 'lists'), ('ids', 'random')):
+    root = base / f'{encoding}_{splits}'
+    synthetic.write_shapes_folder(root, encoding, splits, counts=(24, 8, 8))
+    out[encoding, splits] = root
+  return out
+
+
+# --- classes ------------------------------------------------------------------------------------
+
+
+def test_classes_file_and_config_palette_agree(tmp_path, shapes):
+  root = shapes['colors', 'lists']
+  from_file = folder.palette(_config(tmp_path, root, classes_file=root / 'classes.txt').data)
+  from_config = folder.palette(_config(tmp_path, root).data)
+  assert from_file[0] == from_config[0] == ('background', 'disc', 'box', 'void')
+  np.testing.assert_array_equal(from_file[1][:3], synthetic.SHAPE_COLORS)
+  assert tuple(from_file[1][3]) == synthetic.SHAPE_VOID_COLOR  # The line with the ignore id.
+  assert tuple(from_config[1][3]) == (0, 0, 0)  # No ignore colour given: black.
+
+
+@pytest.mark.parametrize('text, words', [
+    ('road 0 1 2 3\ncar 0 4 5 6\n', ':2: class id 0 listed twice'),
+    ('road 0 1 2 3\ncar 2 4 5 6\n', 'class ids must be 0..K-1'),
+    ('road 0 1 2\n', ':1: expected "name id R G B"'),
+    ('road x 1 2 3\n', ':1: class id \'x\' is not an integer'),
+    ('road 0 1 2 300\n', ':1: not a colour'),
+    ('road 0 #12345g\n', ':1: not a colour'),
+])
+def test_bad_classes_file_names_the_line(tmp_path, text, words):
+  path = tmp_path / 'classes.txt'
+  path.write_text(text)
+  with pytest.raises(DataError) as e:
+    folder.read_classes_file(path, 255)
+  assert str(path) in str(e.value) and words in str(e.value)
+
+
+def test_class_count_must_match_the_palette(tmp_path, shapes):
+  config = _config(tmp_path, shapes['ids', 'folders'])
+  config.data.num_classes = 4
+  with pytest.raises(DataError, match=r'data.num_classes=4 but the palette names 3 classes'):
+    folder.palette(config.data)
+
+
+# --- label encodings ----------------------------------------------------------------------------
+
+
+def test_both_encodings_decode_to_the_same_ids(tmp_path):
+  rng = np.random.default_rng(1)
+  _, label = synthetic.draw_shapes(rng, 20, 30)  # Void = 3.
+  ids = np.where(label == 3, 255, label).astype(np.uint8)
+  palette = np.asarray(synthetic.SHAPE_COLORS + (synthetic.SHAPE_VOID_COLOR,), np.uint8)
+  Image.fromarray(ids).save(tmp_path / 'ids.png')
+  Image.fromarray(palette[label]).save(tmp_path / 'rgb.png')
+  indexed = Image.fromarray(ids).convert('P')  # A palette PNG (VOC style): its indices are ids.
+  indexed.putpalette([v for i in range(256) for v in (i, 255 - i, 0)])
+  indexed.save(tmp_path / 'indexed.png')
+  for path, encoding in (('ids.png', 'ids'), ('rgb.png', 'colors'), ('indexed.png', 'ids')):
+    config = _config(tmp_path, tmp_path, encoding)
+    config.data.folder.ignore_color = synthetic.SHAPE_VOID_COLOR
+    decoded, unknown = folder.decode_label(tmp_path / path, folder.spec_of(config.data))
+    np.testing.assert_array_equal(decoded, label)
+    assert unknown == []
+
+
+def test_unknown_values_and_colours_are_found(tmp_path):
+  config = _config(tmp_path, tmp_path)
+  ids = np.zeros((4, 4), np.uint8)
+  ids[0, 0], ids[1, 1] = 7, 255
+  Image.fromarray(ids).save(tmp_path / 'ids.png')
+  decoded, unknown = folder.decode_label(tmp_path / 'ids.png', folder.spec_of(config.data))
+  assert unknown == [7] and decoded[0, 0] == 3 and decoded[1, 1] == 3
+  config.data.folder.encoding = 'colors'
+  rgb = np.zeros((4, 4, 3), np.uint8)
+  rgb[:] = synthetic.SHAPE_COLORS[1]
+  rgb[2, 3] = (1, 2, 3)
+  Image.fromarray(rgb).save(tmp_path / 'rgb.png')
+  spec = folder.spec_of(config.data)
+  decoded, unknown = folder.decode_label(tmp_path / 'rgb.png', spec)
+  assert unknown == [(1, 2, 3)] and (decoded == 1).sum() == 15
+  line = folder.describe_unknown(tmp_path / 'rgb.png', unknown, spec)
+  assert line.startswith(f'{tmp_path / "rgb.png"}: label colours not in the palette: (1, 2, 3)')
+  with pytest.raises(DataError, match='single-channel'):
+    folder.decode_label(tmp_path / 'ids.png', spec)
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+
+def test_the_three_ways_of_splitting(tmp_path, shapes):
+  by_folders = folder.split_pairs(shapes['ids', 'folders'],
+                                  folder.spec_of(_config(tmp_path, shapes['ids', 'folders']).data))
+  by_lists = folder.split_pairs(shapes['colors', 'lists'], folder.spec_of(
+      _config(tmp_path, shapes['colors', 'lists'], 'colors', 'lists').data))
+  for split, count in (('train', 24), ('val', 8), ('test', 8)):
+    assert len(by_folders[split]) == len(by_lists[split]) == count
+    assert all(p[0].name.startswith(split) for p in by_lists[split])
+  random_spec = folder.spec_of(_config(tmp_path, shapes['ids', 'random'], 'ids', 'random').data)
+  by_random = folder.split_pairs(shapes['ids', 'random'], random_spec)
+  assert {s: len(p) for s, p in by_random.items()} == {'train': 28, 'val': 6, 'test': 6}
+  names = [p[0].name for s in by_random.values() for p in s]
+  assert len(set(names)) == 40  # Disjoint and complete.
+  assert folder.split_pairs(shapes['ids', 'random'], random_spec) == by_random  # Seeded.
+  random_spec['seed'] += 1
+  assert folder.split_pairs(shapes['ids', 'random'], random_spec) != by_random
+
+
+def test_split_folders_beside_or_inside(tmp_path, shapes):
+  """<root>/<split>/images/ works as well as <root>/images/<split>/."""
+  src = shapes['ids', 'folders']
+  for split in ('train', 'val'):
+    for kind in ('images', 'labels'):
+      (tmp_path / 'data' / split).mkdir(parents=True, exist_ok=True)
+      os.symlink(src / kind / split, tmp_path / 'data' / split / kind)
+  pairs = folder.split_pairs(tmp_path / 'data', folder.spec_of(_config(tmp_path, src).data))
+  assert sorted(pairs) == ['train', 'val'] and len(pairs['train']) == 24  # test/ is optional.
+
+
+def test_a_list_naming_a_missing_image_is_an_error(tmp_path, shapes):
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'ids', 'lists', counts=(4, 2, 2))
+  (root / 'val.txt').write_text('val_0000.jpg\nnot_there.jpg\n')
+  spec = folder.spec_of(_config(tmp_path, root, 'ids', 'lists').data)
+  with pytest.raises(DataError, match=r"val.txt:2: 'not_there.jpg' is not an image"):
+    folder.split_pairs(root, spec)
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+
+def test_verify_reports_sizes_frequencies_and_foreign_colours(tmp_path, shapes):
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'colors', 'folders', counts=(6, 2, 2), height=40, width=48)
+  bad = root / 'labels' / 'train' / 'train_0002.png'
+  rgb = cv2.imread(os.fspath(bad))
+  rgb[0, 0] = (7, 8, 9)  # BGR of the colour (9, 8, 7).
+  cv2.imwrite(os.fspath(bad), rgb)
+  cv2.imwrite(os.fspath(root / 'images' / 'val' / 'val_0001.jpg'),
+              np.zeros((30, 48, 3), np.uint8))  # Another size than its label.
+  args = [sys.executable, 'main.py', '--config=configs/custom.py', '--mode=verify',
+          f'--config.data.manual_dir={root}', '--config.data.folder.encoding=colors',
+          f'--config.data.folder.classes_file={root / "classes.txt"}',
+          f'--config.data.cache_dir={tmp_path / "cache"}']
+  out = subprocess.run(args, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr
+  lines = out.stdout.splitlines()
+  assert 'pairs: train 6, val 2, test 2' in lines
+  assert 'image sizes (width x height, images): 48x40 (9), 48x30 (1)' in lines
+  rows = {l.split()[0]: [float(v) for v in l.split()[1:4]] for l in lines
+          if l.startswith('  ') and l.split()[0] in ('background', 'disc', 'box', 'void')}
+  assert len(rows) == 4 and all(abs(sum(r[k] for r in rows.values()) - 100) < 0.01
+                                for k in range(3))
+  problems = [l for l in lines if l.startswith(f'{root}/')]
+  assert len(problems) == 2, out.stdout
+  assert any(l.startswith(f'{bad}: label colours not in the palette: (9, 8, 7)') for l in problems)
+  assert any('val_0001.png: label size 48x40 != image size 48x30' in l for l in problems)
+  assert out.stderr.strip().splitlines()[-1] == f'error: 2 problem(s) in {root}'
+
+
+# --- training until it learns, evaluation and prediction ------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('encoding, splits', [('ids', 'folders'), ('colors', 'lists')])
+def test_trains_until_it_learns_then_evaluates_and_predicts(tmp_path, shapes, encoding, splits):
+  root = shapes[encoding, splits]
+  config = _config(tmp_path, root, encoding, splits,
+                   classes_file=root / 'classes.txt' if encoding == 'colors' else None)
+  config.update_from_flattened_dict({
+      'model.widths': (8, 16, 16, 32, 32), 'model.head_width': 32, 'batch_size': 4,
+      'eval_batch_size': 4, 'num_epochs': 30, 'learning_rate': 3e-3, 'data.augment.crop': False,
+      'data.random_flip': True, 'eval.input': 'native', 'visualize.num_tensorboard_images': 0,
+      'early_stopping.patience': 0, 'eval.num_panels': 2})
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(config, os.fspath(workdir))
+  history = json.loads((workdir / 'history.json').read_text())
+  first, best = history[0]['val_miou'], max(h['val_miou'] for h in history)
+  assert best > 0.6 and best > first + 0.3, [round(h['val_miou'], 3) for h in history]
+
+  from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+  scores = evaluate.evaluate(config, os.fspath(workdir))
+  assert scores['class_names'] == ['background', 'disc', 'box']
+  assert scores['miou'] > 0.55 and np.asarray(scores['confusion_matrix']).shape == (3, 3)
+
+  from sepres_jax import predict  # pylint: disable=g-import-not-at-top
+  config.predict.input = os.fspath(root / 'images' / ('test' if splits == 'folders' else ''))
+  config.predict.output = os.fspath(tmp_path / 'predictions')
+  assert predict.predict(config, os.fspath(workdir)) == 0
+  ids = np.asarray(Image.open(tmp_path / 'predictions' / 'test_0000.png'))
+  colour = np.asarray(Image.open(tmp_path / 'predictions' / 'test_0000_color.png').convert('RGB'))
+  assert ids.shape == (64, 80) and ids.max() <= 2
+  _, palette_colors = folder.palette(config.data)
+  np.testing.assert_array_equal(colour, palette_colors[ids])  # This data set's colours.
+  truth = folder.decode_label(root / 'labels' / ('test' if splits == 'folders' else '') /
+                              'test_0000.png', folder.spec_of(config.data))[0]
+  counted = truth < 3
+  assert (ids[counted] == truth[counted]).mean() > 0.8
+
+
+def test_built_records_follow_the_palette(tmp_path, shapes):
+  """The tfds build maps colours to ids and void to K, and is cached by folder and palette."""
+  root = shapes['colors', 'lists']
+  config = _config(tmp_path, root, 'colors', 'lists', classes_file=root / 'classes.txt')
+  sources, info = input_pipeline.load_sources(config.data)
+  assert info.class_names == ('background', 'disc', 'box', 'void') and info.void_label == 3
+  assert {s: len(v) for s, v in sources.items()} == {'train': 24, 'val': 8, 'test': 8}
+  example = sources['val'][0]
+  expected = folder.decode_label(root / 'labels' / 'val_0000.png', folder.spec_of(config.data))[0]
+  np.testing.assert_array_equal(np.asarray(example['label'])[..., 0], expected)
+  config.data.folder.ignore_color = (1, 1, 1)  # Another palette: another build, here an error.
+  with pytest.raises(DataError, match='label colours not in the palette: \\(255, 255, 255\\)'):
+    input_pipeline.load_sources(config.data)
