@@ -83,13 +83,14 @@ def class_weights(config, train_source=None) -> Optional[np.ndarray]:
 def schedule_factor(config, total_steps: Optional[int]):
   """Per-step multiplier of the learning rate: linear warm-up, then constant, cosine or polynomial.
 
-  It multiplies the plateau rule's rate, so both can be used together.
+  It multiplies the plateau rule's rate, so both can be used together. Without `total_steps`
+  (a state built to evaluate, predict or benchmark, never to train a run) the rate is constant.
   """
   kind, warmup = config.schedule, int(config.warmup_steps)
   if kind not in ('constant', 'cosine', 'polynomial'):
     raise RunError(f"config.schedule must be 'constant', 'cosine' or 'polynomial', got {kind!r}")
-  if kind != 'constant' and not total_steps:
-    raise RunError(f'config.schedule={kind!r} needs the number of training steps')
+  if not total_steps:
+    kind, warmup = 'constant', 0
   decay_steps = max(int(total_steps or 0) - warmup, 1)
 
   def factor(count):

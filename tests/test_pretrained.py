@@ -1,0 +1,92 @@
+"""pretrained/<name>/: packing a run, and the shipped weights loading and scoring what they claim."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import CAMVID, ROOT, run_env, train_tiny
+from sepres_jax import evaluate
+from sepres_jax import pretrained
+
+SHIPPED = sorted(p for p in (ROOT / 'pretrained').glob('*') if (p / 'weights').is_dir())
+MAX_BYTES = 25 * 2**20
+
+
+def _load_config(path):
+  spec = importlib.util.spec_from_file_location(f'shipped_{abs(hash(str(path)))}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _size(folder):
+  return sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(folder) for n in ns)
+
+
+def test_pack_writes_weights_config_and_scores_that_reproduce(tmp_path, monkeypatch):
+  config, workdir = train_tiny(tmp_path, visualize__num_tensorboard_images=0)
+  config.eval.num_panels = 0
+  scores = evaluate.evaluate(config, workdir)
+  monkeypatch.chdir(ROOT)
+  out = tmp_path / 'pretrained' / 'tiny'
+  results = pretrained.pack(workdir, os.fspath(out))
+  assert sorted(os.listdir(out)) == ['config.py', 'results.json', 'weights']
+  assert results['miou'] == pytest.approx(scores['miou'])
+  assert json.loads((out / 'results.json').read_text())['iou']['Sky'] == pytest.approx(
+      scores['per_class'][0]['iou'])
+  shipped = _load_config(out / 'config.py')
+  assert shipped.init_from == os.fspath(out)
+  assert tuple(shipped.model.widths) == tuple(config.model.widths)  # Fields the run changed.
+  assert shipped.data.name == 'synthetic' and shipped.data.cache_dir != config.data.cache_dir
+  shipped.data.cache_dir = config.data.cache_dir
+  shipped.eval.num_panels = 0
+  again = evaluate.evaluate(shipped, os.fspath(tmp_path / 'elsewhere'))  # Weights from init_from.
+  assert again['miou'] == pytest.approx(scores['miou'], abs=1e-9)
+  assert again['checkpoint'] == os.fspath(out)
+
+
+def test_every_shipped_model_is_small_and_complete():
+  assert SHIPPED, 'no pretrained/<name>/ folder with weights/ in the repository'
+  for folder in SHIPPED:
+    assert _size(folder) <= MAX_BYTES, f'{folder}: {_size(folder) / 2**20:.1f} MB'
+    assert (folder / 'config.py').is_file() and (folder / 'results.json').is_file()
+    assert _load_config(folder / 'config.py').init_from == os.fspath(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('folder', SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_weights_predict_from_the_command_line(folder, tmp_path):
+  """A fresh user's command: the shipped config alone, on an image of their own."""
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (240, 320, 3), np.uint8)).save(tmp_path / 'mine.jpg')
+  out = subprocess.run(
+      [sys.executable, 'main.py', f'--config={folder}/config.py', f'--workdir={tmp_path / "run"}',
+       '--mode=predict', f'--config.predict.input={tmp_path / "mine.jpg"}',
+       f'--config.predict.output={tmp_path / "out"}'],
+      cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  ids = np.asarray(Image.open(tmp_path / 'out' / 'mine.png'))
+  assert ids.shape == (240, 320) and ids.max() < 11
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('folder', SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_weights_score_the_stated_miou_on_camvid_test(folder, tmp_path):
+  if not (CAMVID / 'test').is_dir():
+    pytest.skip(f'real CamVid not present at {CAMVID}')
+  claimed = json.loads((folder / 'results.json').read_text())
+  config = _load_config(folder / 'config.py')
+  config.data.manual_dir = os.fspath(CAMVID)
+  config.data.cache_dir = os.fspath(tmp_path / 'cache')
+  config.eval.num_panels = 0
+  scores = evaluate.evaluate(config, os.fspath(tmp_path / 'run'))
+  assert scores['num_images'] == 233
+  assert scores['miou'] == pytest.approx(claimed['miou'], abs=5e-4)
+  readme = (ROOT / 'README.md').read_text()
+  assert f'{100 * claimed["miou"]:.1f}' in readme  # The README states this figure.
