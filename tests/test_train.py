@@ -137,6 +137,8 @@ def test_schedules(tiny_config, kind):
   assert float(f(110)) == pytest.approx(end, abs=1e-6)
   if kind == 'cosine':
     assert float(f(60)) == pytest.approx(0.55, abs=1e-6)  # Half way: the mean of 1 and 0.1.
+  # A state built to evaluate or predict (no step count) must not fail on a scheduled config.
+  assert float(train.schedule_factor(tiny_config, None)(0)) == 1.0
 
 
 def test_schedule_scales_the_update(tiny_config):
