@@ -66,6 +66,7 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.widths = (16, 32, 64, 96, 128)  # Stem, then the four residual blocks' outputs.
   config.model.head_width = 2048  # conv6/conv7 channels of the FCN-8 head.
+  config.model.block_depth = 3  # SeparableConv+BatchNorm+ELU units per residual block.
   # 0.9 (PyTorch's default): running statistics settle in ~30 steps. Keras' 0.99 (configs/seed.py)
   # needs ~500, so early epochs validate with stale statistics.
   config.model.bn_momentum = 0.9

@@ -68,17 +68,19 @@ class SeparableConv(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-  """Three SeparableConv+BatchNorm+ELU (f_in, f_in, f_out) plus a SeparableConv+BatchNorm shortcut."""
+  """`depth` SeparableConv+BatchNorm+ELU (f_in, ..., f_in, f_out; the original has 3) plus a
+  SeparableConv+BatchNorm shortcut, added, then ReLU."""
   features: int
   norm: Any
   impl: str = 'xla'
   dtype: Any = jnp.float32
+  depth: int = 3
 
   @nn.compact
   def __call__(self, x):
     f_in = x.shape[-1]
     y = x
-    for i, f in enumerate((f_in, f_in, self.features)):
+    for i, f in enumerate((f_in,) * (self.depth - 1) + (self.features,)):
       y = SeparableConv(f, self.impl, self.dtype, name=f'sep{i + 1}')(y)
       y = nn.elu(self.norm(name=f'bn{i + 1}')(y))
     shortcut = SeparableConv(self.features, self.impl, self.dtype, name='shortcut')(x)
@@ -91,6 +93,7 @@ class SepResFCN8(nn.Module):
   num_classes: int
   widths: Sequence[int] = (16, 32, 64, 96, 128)
   head_width: int = 2048
+  block_depth: int = 3  # SeparableConv+BatchNorm+ELU units per residual block.
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   impl: str = 'xla'
@@ -101,6 +104,8 @@ class SepResFCN8(nn.Module):
   def __call__(self, x, train: bool = False):
     if len(self.widths) != 5:
       raise ValueError(f'model.widths needs 5 entries (stem + 4 blocks), got {self.widths}')
+    if self.block_depth < 1:
+      raise ValueError(f'model.block_depth must be at least 1, got {self.block_depth}')
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'input height and width must be divisible by 32, got {x.shape[1:3]}')
     norm = lambda name: nn.BatchNorm(
@@ -112,7 +117,8 @@ class SepResFCN8(nn.Module):
     x = pool(nn.relu(norm('stem_bn')(x)))
     taps = []
     for i, f in enumerate(self.widths[1:]):
-      x = pool(ResidualBlock(f, norm, self.impl, self.dtype, name=f'block{i + 1}')(x))
+      x = pool(ResidualBlock(f, norm, self.impl, self.dtype, self.block_depth,
+                             name=f'block{i + 1}')(x))
       taps.append(x)
     pool3, pool4, pool5 = taps[1:]
 
@@ -132,6 +138,7 @@ def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -
   m = config.model
   return SepResFCN8(
       num_classes=num_outputs, widths=tuple(m.widths), head_width=m.head_width,
+      block_depth=m.get('block_depth', 3),
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=ops.resolve_impl(m.impl),
       dtype=jnp.dtype(config.dtype), bn_axis_name=bn_axis_name)
 

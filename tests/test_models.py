@@ -21,6 +21,19 @@ def test_parameter_count_matches_keras(impl):
   assert _count(variables['batch_stats']) == 2_144
 
 
+@pytest.mark.parametrize('depth', [1, 2, 4])
+def test_block_depth_adds_or_removes_separable_units(depth):
+  """Each unit a block gains at input width f: depthwise 9f, pointwise f*f, bias f, BN 2f (+2f stats)."""
+  model = models.SepResFCN8(num_classes=12, block_depth=depth)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  per_unit = sum(9 * f + f * f + f + 2 * f for f in (16, 32, 64, 96))
+  assert _count(variables['params']) == 17_530_712 + (depth - 3) * per_unit
+  assert _count(variables['batch_stats']) == 2_144 + (depth - 3) * 2 * sum((16, 32, 64, 96))
+  assert f'sep{depth}' in variables['params']['block1']
+  assert f'sep{depth + 1}' not in variables['params']['block1']
+
+
 def test_six_channel_input_and_eleven_classes():
   model = models.SepResFCN8(num_classes=11)
   variables = jax.eval_shape(
