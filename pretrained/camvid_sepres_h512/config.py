@@ -20,7 +20,6 @@ def get_config():
   config.data.augment.crop = True
   config.data.augment.jitter = 0.2
   config.data.augment.scale = (1.0, 2.0)
-  config.data.class_weights = 'median_frequency'
   config.data.random_flip = True
   config.early_stopping.patience = 0
   config.eval.input = 'native'
