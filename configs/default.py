@@ -77,7 +77,7 @@ def get_config():
   config.learning_rate = 1e-3
   config.rmsprop_decay = 0.9
   config.rmsprop_eps = 1e-7
-  config.weight_decay = 0.0  # Decoupled weight decay added to the RMSprop update (0: none).
+  config.weight_decay = 0.0  # Decoupled (AdamW-style) decay of conv kernels, times the rate.
   config.label_smoothing = 0.0  # Cross-entropy label smoothing.
   config.schedule = 'constant'  # Per-step multiplier: 'constant', 'cosine' or 'polynomial'.
   config.warmup_steps = 0  # Linear warm-up steps (any schedule).

@@ -241,7 +241,8 @@ _CURVE_PANELS = (
     ('learning rate', ('learning_rate',)),
 )
 _CURVE_STYLE = {'train': dict(color='tab:blue'), 'val': dict(color='tab:orange'),
-                'learning': dict(color='tab:green', drawstyle='steps-mid')}
+                'learning': dict(color='tab:green', drawstyle='steps-mid'),
+                'step': dict(color='tab:green')}
 
 
 def save_training_curves(history, path, title=None):
@@ -257,7 +258,10 @@ def save_training_curves(history, path, title=None):
     best = best[-1] if best else None
     fig = _figure(11, 7.5)
     axes = fig.subplots(2, 2, sharex=True).ravel()
+    scheduled = any('step_learning_rate' in h for h in history)
     for ax, (name, keys) in zip(axes, _CURVE_PANELS):
+        if name == 'learning rate' and scheduled:
+            keys = ('step_learning_rate',)  # The rate the steps used, schedule included.
         drawn = False
         for key in keys:
             xs, ys = _series(history, key)
@@ -272,7 +276,7 @@ def save_training_curves(history, path, title=None):
                 ax.plot([best], [y], marker='*', markersize=15, color='crimson',
                         markeredgecolor='k', linestyle='none', zorder=5,
                         label=f'best checkpoint (epoch {best})')
-                if key != 'learning_rate':
+                if name != 'learning rate':
                     ax.annotate(f'{y:.3f}', (best, y), xytext=(6, 6),
                                 textcoords='offset points', fontsize=8, color='crimson')
         for j, e in enumerate(cuts):

@@ -112,11 +112,17 @@ def create_optimizer(config, total_steps: Optional[int] = None) -> optax.Gradien
   factor = schedule_factor(config, total_steps)
 
   def make(learning_rate):
-    tx = optax.rmsprop(lambda count: learning_rate * factor(count), decay=config.rmsprop_decay,
-                       eps=config.rmsprop_eps)
-    if config.weight_decay:
-      tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
-    return tx
+    rate = lambda count: learning_rate * factor(count)
+    if not config.weight_decay:
+      return optax.rmsprop(rate, decay=config.rmsprop_decay, eps=config.rmsprop_eps)
+    # Decoupled (AdamW-style): the decay joins the update after RMSprop's normalisation, so it
+    # shrinks a kernel by rate * weight_decay per step whatever its gradient's size. BatchNorm
+    # scales and biases (1-D arrays) are not decayed.
+    return optax.chain(
+        optax.scale_by_rms(decay=config.rmsprop_decay, eps=config.rmsprop_eps),
+        optax.add_decayed_weights(config.weight_decay,
+                                  mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)),
+        optax.scale_by_learning_rate(rate))
   return optax.inject_hyperparams(make)(learning_rate=config.learning_rate)
 
 
@@ -451,6 +457,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   step_state = stepper.to_step_state(state)
   record = history[-1] if history else {}
   total_steps = config.num_epochs * steps_per_epoch
+  factor = schedule_factor(config, total_steps)
   t_run = time.time()
   steps_this_run = 0
   while epoch < config.num_epochs:
@@ -505,6 +512,8 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     epoch += 1
     record = {
         'epoch': epoch, 'step': step, 'learning_rate': lr,
+        # The rate of the epoch's last step: the plateau rule's rate times the schedule's factor.
+        'step_learning_rate': float(lr * factor(max(step - 1, 0))),
         'train_loss': sums['loss_sum'] / max(sums['weight'], 1.0),
         'train_accuracy': sums['correct'] / max(sums['pixels'], 1.0),
         'val_loss': val['loss'], 'val_accuracy': val['pixel_accuracy'], 'val_miou': val['miou'],
@@ -527,13 +536,14 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
                      metrics={config.best_metric: float(record[config.best_metric])})
     logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f mIoU %.4f | lr %.2e'
                  '%s%s | %.1fs', epoch, record['train_loss'], record['train_accuracy'],
-                 record['val_loss'], record['val_accuracy'], record['val_miou'], lr,
+                 record['val_loss'], record['val_accuracy'], record['val_miou'],
+                 record['step_learning_rate'],
                  ' | best' if record['best'] else '', ' | lr cut' if lr_cut else '',
                  record['epoch_time'])
     if is_main:
       _write_history(workdir, history)
       for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_miou',
-                'learning_rate', 'epoch_time', 'data_wait_fraction'):
+                'learning_rate', 'step_learning_rate', 'epoch_time', 'data_wait_fraction'):
         writer.add_scalar(f'epoch/{k}', record[k], epoch)
       if pictures:
         # Process 0 draws alone: a host copy of the (replicated) state, not the global arrays.

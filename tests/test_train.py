@@ -165,3 +165,15 @@ def test_test_time_averaging(tiny_config):
   multi = train.models.averaged_logits(state.apply_fn, v, x, flip=True, scales=(0.5, 1.0, 1.5))
   assert multi.shape == plain.shape and np.isfinite(np.asarray(multi)).all()
   np.testing.assert_allclose(np.exp(multi).sum(-1), 1.0, rtol=1e-4)
+
+
+def test_weight_decay_is_decoupled_and_spares_1d_arrays(tiny_config):
+  """With zero gradients only the decay moves parameters: kernels by exactly rate * wd * p."""
+  tiny_config.weight_decay, tiny_config.learning_rate = 0.1, 0.01
+  tx = train.create_optimizer(tiny_config)
+  params = {'kernel': jnp.full((3, 3, 2, 2), 2.0), 'bias': jnp.full((2,), 2.0)}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  # Coupled L2 (decay added to the gradient before RMSprop's normalisation) would give about
+  # -rate / sqrt(1 - decay) here, whatever the decay's size.
+  np.testing.assert_allclose(updates['kernel'], -0.01 * 0.1 * 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(updates['bias'], 0.0)
