@@ -29,15 +29,63 @@ def depthwise_conv3x3(x, kernel, impl):
     return lax.conv_general_dilated(
         x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC,
         feature_group_count=x.shape[-1])
+  return _depthwise_shifted(x, kernel)
+
+
+def _shifted_sum(x, k):
+  """sum_ij pad(x)[:, i:i+h, j:j+w] * k[i, j]: the 3x3 depthwise conv as 9 multiply-adds."""
   h, w = x.shape[1], x.shape[2]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  k = kernel[:, :, 0, :]
   out = None
   for i in range(3):
     for j in range(3):
       term = xp[:, i:i + h, j:j + w, :] * k[i, j]
       out = term if out is None else out + term
   return out
+
+
+_KERNEL_GRAD_BLOCK_BYTES = 1 << 20  # Rows of x per step of the kernel gradient: fits in L2.
+
+
+def _depthwise_kernel_grad(x, g):
+  """dL/dk[i, j, c] = sum_{b,h,w} pad(x)[b, h+i, w+j, c] g[b, h, w, c], by blocks of rows.
+
+  XLA fuses each of the 9 products into its own reduction, so computed over the whole arrays the
+  9 passes stream x and g from memory 9 times (2-3x slower at 112x112). A loop over blocks of rows
+  that fit in cache reads them from memory once.
+  """
+  b, h, w, c = x.shape
+  rows = max([r for r in range(1, h + 1)
+              if h % r == 0 and b * (r + 2) * (w + 2) * c * x.dtype.itemsize
+              <= _KERNEL_GRAD_BLOCK_BYTES] or [1])
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+  def block(r, acc):
+    xs = lax.dynamic_slice_in_dim(xp, r * rows, rows + 2, axis=1)
+    gs = lax.dynamic_slice_in_dim(g, r * rows, rows, axis=1)
+    return acc + jnp.stack([jnp.sum(xs[:, i:i + rows, j:j + w, :] * gs, axis=(0, 1, 2))
+                            for i in range(3) for j in range(3)])
+
+  acc = jnp.zeros((9, c), jnp.promote_types(x.dtype, jnp.float32))
+  return lax.fori_loop(0, h // rows, block, acc).reshape(3, 3, 1, c)
+
+
+@jax.custom_vjp
+def _depthwise_shifted(x, kernel):
+  return _shifted_sum(x, kernel[:, :, 0, :])
+
+
+def _depthwise_fwd(x, kernel):
+  return _shifted_sum(x, kernel[:, :, 0, :]), (x, kernel)
+
+
+def _depthwise_bwd(res, g):
+  x, kernel = res
+  dx = _shifted_sum(g, kernel[::-1, ::-1, 0, :])  # The transposed conv: the flipped kernel.
+  return dx, _depthwise_kernel_grad(x, g).astype(kernel.dtype)
+
+
+_depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def pointwise_conv(x, kernel):

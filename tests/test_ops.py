@@ -25,9 +25,17 @@ def _assert_same(fn, *args):
     np.testing.assert_allclose(g('fast_cpu'), g('xla'), rtol=1e-4, atol=1e-4)
 
 
-def test_depthwise_conv3x3():
+@pytest.mark.parametrize('block_bytes', [1 << 20, 2 * 4 * 14 * 5 * 4])
+def test_depthwise_conv3x3(block_bytes, monkeypatch):
+  """The second block size makes the kernel gradient loop over blocks of 2 rows; jitted too."""
+  monkeypatch.setattr(ops, '_KERNEL_GRAD_BLOCK_BYTES', block_bytes)
   _assert_same(lambda impl, x, k: ops.depthwise_conv3x3(x, k, impl), _rand(2, 8, 12, 5),
                _rand(3, 3, 1, 5))
+  x, k = _rand(2, 8, 12, 5), _rand(3, 3, 1, 5)
+  grad = lambda impl: jax.jit(jax.grad(
+      lambda x, k: jnp.sum(jnp.sin(ops.depthwise_conv3x3(x, k, impl))), argnums=(0, 1)))(x, k)
+  for fast, plain in zip(grad('fast_cpu'), grad('xla')):
+    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('k', [3, 7])
