@@ -100,76 +100,13 @@ def conv(x, kernel, impl):
     return pointwise_conv(x, kernel)
   if impl == 'xla':
     return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC)
-  if x.shape[-1] <= _DIRECT_MAX_CHANNELS:
-    return _direct_conv(x, kernel)
   # im2col: gather the KxK patches once, then one matrix product.
   b, h, w, c = x.shape
-  xp = _same_pad(x, kh, kw)
+  ph, pw = (kh - 1) // 2, (kw - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
   patches = jnp.stack(
       [xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=3)
   return jnp.einsum('bhwpc,pcd->bhwd', patches, kernel.reshape(kh * kw, c, -1))
-
-
-_DIRECT_MAX_CHANNELS = 8  # Convs of at most this many input channels (the stem) go direct.
-
-
-def _same_pad(x, kh, kw):
-  ph, pw = (kh - 1) // 2, (kw - 1) // 2
-  return jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
-
-
-@jax.custom_vjp
-def _direct_conv(x, kernel):
-  """KxK SAME conv of a few input channels as K*K*Cin broadcast multiply-adds, one fused loop.
-
-  For the stem (3 channels at full resolution) this is ~5x faster than im2col, whose patches
-  array is 9x the input and feeds a matrix product of inner size 27.
-  """
-  kh, kw, cin, _ = kernel.shape
-  h, w = x.shape[1], x.shape[2]
-  xp = _same_pad(x, kh, kw)
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      for c in range(cin):
-        term = xp[:, i:i + h, j:j + w, c:c + 1] * kernel[i, j, c]
-        out = term if out is None else out + term
-  return out
-
-
-def _direct_conv_fwd(x, kernel):
-  return _direct_conv(x, kernel), (x, kernel)
-
-
-def _direct_conv_bwd(res, g):
-  x, kernel = res
-  kh, kw, cin, cout = kernel.shape
-  b, h, w, _ = x.shape
-  # Input gradient (unused for the stem, whose input is the image; XLA drops it there).
-  _, vjp = jax.vjp(
-      lambda x: lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC), x)
-  (dx,) = vjp(g)
-  # Kernel gradient: patches^T g, a matrix product per block of rows that fits in cache, so that
-  # the patches are never materialised whole.
-  rows = max([r for r in range(1, h + 1)
-              if h % r == 0 and b * r * w * cout * g.dtype.itemsize <= _KERNEL_GRAD_BLOCK_BYTES]
-             or [1])
-  xp = _same_pad(x, kh, kw)
-
-  def block(r, acc):
-    xs = lax.dynamic_slice_in_dim(xp, r * rows, rows + kh - 1, axis=1)
-    gs = lax.dynamic_slice_in_dim(g, r * rows, rows, axis=1)
-    patches = jnp.stack([xs[:, i:i + rows, j:j + w, :] for i in range(kh) for j in range(kw)],
-                        axis=3)
-    return acc + jnp.einsum('nk,no->ko', patches.reshape(-1, kh * kw * cin),
-                            gs.reshape(-1, cout), preferred_element_type=jnp.float32)
-
-  acc = jnp.zeros((kh * kw * cin, cout), jnp.float32)
-  dk = lax.fori_loop(0, h // rows, block, acc).reshape(kernel.shape)
-  return dx, dk.astype(kernel.dtype)
-
-
-_direct_conv.defvjp(_direct_conv_fwd, _direct_conv_bwd)
 
 
 def upsample_conv(x, kernel, impl):
