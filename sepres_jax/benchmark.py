@@ -3,7 +3,8 @@
 Prints a few human lines and, last, one JSON line with train_images_per_sec (at config.batch_size),
 infer_images_per_sec (config.benchmark.infer_size, batch config.eval_batch_size), compile times,
 peak_rss_mb, the model's FLOPs per training image from XLA's cost analysis, and the achieved FLOP/s
-as a fraction of a large float32 matrix product's FLOP/s measured in the same process.
+as a fraction of a large float32 matrix product's FLOP/s measured in the same process. With
+`benchmark.profile`, also the train step's time per layer, forward and backward (profiling.py).
 """
 
 import json
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sepres_jax import models
+from sepres_jax import profiling
 from sepres_jax import train
 
 
@@ -77,6 +79,7 @@ def benchmark(config) -> int:
 
   train_time = _timed(step, batch, repeats=repeats)
   train_ips = b / train_time
+  by_part = profiling.profile(compiled, lambda: step(batch)) if config.benchmark.profile else {}
 
   # --- Inference at the evaluation size --------------------------------------------------
   ih, iw = config.benchmark.infer_size
@@ -110,6 +113,11 @@ def benchmark(config) -> int:
       'flops_fraction_of_matmul': round(achieved / peak, 4),
       'peak_rss_mb': round(_peak_rss_mb(), 1),
   }
+  if by_part:
+    result['train_seconds_by_part'] = {
+        part: {k: round(v, 4) for k, v in d.items()} for part, d in by_part.items()}
+    print('train step by part (seconds per step, from a profile of 3 steps):')
+    print(profiling.format_table(by_part))
   print(f"train: {train_ips:.1f} images/s at batch {b} {tuple(config.data.image_size)} "
         f"({flops_per_image / 1e9:.2f} GFLOP/image, {achieved / 1e9:.0f} GFLOP/s = "
         f"{100 * achieved / peak:.0f}% of a {peak / 1e9:.0f} GFLOP/s matmul)")

@@ -1,0 +1,58 @@
+"""--mode=benchmark: its JSON line, and the per-layer profile it can print."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_env
+from sepres_jax import profiling
+
+
+@pytest.mark.parametrize('op_name, expected', [
+    ('jit(train_step)/jvp(SepResFCN8)/conv6/bhwpc,pcd->bhwd/dot_general', ('conv6', 'forward')),
+    ('jit(train_step)/transpose(jvp(SepResFCN8))/block1/sep2/mul', ('block1', 'backward')),
+    ('jit(train_step)/transpose(jvp(jit(log_softmax)))/reduce_sum', ('loss', 'backward')),
+    ('jit(train_step)/jvp(jit(log_softmax))/exp', ('loss', 'forward')),
+    ('jit(train_step)/sqrt', ('optimizer+metrics', 'other')),
+])
+def test_part_of(op_name, expected):
+  assert profiling.part_of(op_name) == expected
+
+
+def test_time_by_part_sums_per_call():
+  hlo = '''
+  %fusion.1 = f32[2]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(f)/jvp(SepResFCN8)/stem/mul"}
+  ROOT %dot.2 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(f)/transpose(jvp(SepResFCN8))/stem/dot_general"}
+  %add.3 = f32[] add(%x, %y), metadata={op_name="jit(f)/add"}
+  '''
+  names = profiling.op_layers(hlo)
+  assert set(names) == {'fusion.1', 'dot.2', 'add.3'}
+  events = [{'ph': 'X', 'name': 'fusion.1', 'dur': 3000}, {'ph': 'X', 'name': 'fusion.1', 'dur': 1000},
+            {'ph': 'X', 'name': 'dot.2', 'dur': 2000}, {'ph': 'X', 'name': 'add.3', 'dur': 500},
+            {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'dur': 99999}, {'ph': 'i', 'name': 'dot.2'}]
+  table = profiling.time_by_part(events, names, calls=2)
+  assert table == {'stem': {'forward': 0.002, 'backward': 0.001},
+                   'optimizer+metrics': {'other': 0.00025}}
+  text = profiling.format_table(table)
+  assert text.splitlines()[1].startswith('stem') and '92.3%' in text
+
+
+@pytest.mark.slow
+def test_benchmark_mode_prints_json_and_profile(tmp_path):
+  cmd = [sys.executable, 'main.py', '--config=configs/test.py', '--mode=benchmark',
+         f'--config.data.cache_dir={tmp_path}', '--config.benchmark.repeats=2',
+         '--config.benchmark.infer_size=(64,96)', '--config.benchmark.profile=True']
+  out = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  for key in ('train_images_per_sec', 'infer_images_per_sec', 'flops_fraction_of_matmul',
+              'peak_rss_mb'):
+    assert result[key] > 0, key
+  assert result['batch_size'] == 4 and result['infer_size'] == [64, 96]
+  parts = result['train_seconds_by_part']
+  for layer in ('stem', 'block1', 'block4', 'conv6', 'up_final'):
+    assert parts[layer]['forward'] > 0 and parts[layer]['backward'] > 0, layer
+  assert parts['loss']['forward'] > 0
+  assert 'conv6' in out.stdout and 'share' in out.stdout
