@@ -39,14 +39,19 @@ def test_time_by_part_sums_per_call():
   assert text.splitlines()[1].startswith('stem') and '92.3%' in text
 
 
-@pytest.mark.slow
-def test_benchmark_mode_prints_json_and_profile(tmp_path):
+def _benchmark(tmp_path, *args, **env):
   cmd = [sys.executable, 'main.py', '--config=configs/test.py', '--mode=benchmark',
          f'--config.data.cache_dir={tmp_path}', '--config.benchmark.repeats=2',
-         '--config.benchmark.infer_size=(64,96)', '--config.benchmark.profile=True']
-  out = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+         '--config.benchmark.infer_size=(64,96)', *args]
+  out = subprocess.run(cmd, cwd=ROOT, env=run_env(**env), capture_output=True, text=True,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  return out, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_benchmark_mode_prints_json_and_profile(tmp_path):
+  out, result = _benchmark(tmp_path, '--config.benchmark.profile=True')
   for key in ('train_images_per_sec', 'infer_images_per_sec', 'flops_fraction_of_matmul',
               'peak_rss_mb'):
     assert result[key] > 0, key
@@ -56,3 +61,11 @@ def test_benchmark_mode_prints_json_and_profile(tmp_path):
     assert parts[layer]['forward'] > 0 and parts[layer]['backward'] > 0, layer
   assert parts['loss']['forward'] > 0
   assert 'conv6' in out.stdout and 'share' in out.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_flops_per_image_do_not_depend_on_the_device_count(tmp_path):
+  _, one = _benchmark(tmp_path)
+  _, two = _benchmark(tmp_path, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  assert (one['devices'], two['devices']) == (1, 2)
+  assert two['train_gflops_per_image'] == pytest.approx(one['train_gflops_per_image'], rel=0.05)
