@@ -19,7 +19,9 @@ from typing import Callable
 import jax
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
-_LAYER = re.compile(r'SepResFCN8\)+/(\w+)')
+_LAYER = re.compile(r'SepResFCN8\)+/(\w+)/')  # A named submodule: stem, block1, conv6, ...
+_NETWORK = 'SepResFCN8)'
+TOP_LEVEL = 'pool/relu/add'  # The network's own operations between its submodules.
 _LOSS_WORDS = ('log_softmax', 'take_along_axis', 'cross_entropy', 'logsumexp')
 
 
@@ -34,6 +36,8 @@ def part_of(op_name: str) -> tuple[str, str]:
   m = _LAYER.search(op_name)
   if m:
     part = m.group(1)
+  elif _NETWORK in op_name and not any(w in op_name for w in _LOSS_WORDS):
+    part = TOP_LEVEL
   elif any(w in op_name for w in _LOSS_WORDS):
     part = 'loss'
   else:

@@ -16,6 +16,8 @@ from sepres_jax import profiling
     ('jit(train_step)/transpose(jvp(jit(log_softmax)))/reduce_sum', ('loss', 'backward')),
     ('jit(train_step)/jvp(jit(log_softmax))/exp', ('loss', 'forward')),
     ('jit(train_step)/sqrt', ('optimizer+metrics', 'other')),
+    ('jit(train_step)/jvp(SepResFCN8)/jit(relu)/max', ('pool/relu/add', 'forward')),
+    ('jit(train_step)/transpose(jvp(SepResFCN8))/select_n', ('pool/relu/add', 'backward')),
 ])
 def test_part_of(op_name, expected):
   assert profiling.part_of(op_name) == expected
