@@ -80,7 +80,9 @@ def benchmark(config) -> int:
 
   train_time = _timed(step, batch, repeats=repeats)
   train_ips = b / train_time
-  by_part = profiling.profile(compiled, lambda: step(batch)) if config.benchmark.profile else {}
+  profiled_steps = 3
+  by_part = (profiling.profile(compiled, lambda: step(batch), profiled_steps)
+             if config.benchmark.profile else {})
 
   # --- Inference at the evaluation size --------------------------------------------------
   ih, iw = config.benchmark.infer_size
@@ -117,7 +119,7 @@ def benchmark(config) -> int:
   if by_part:
     result['train_seconds_by_part'] = {
         part: {k: round(v, 4) for k, v in d.items()} for part, d in by_part.items()}
-    print('train step by part (seconds per step, from a profile of 3 steps):')
+    print(f'train step by part (seconds per step, from a profile of {profiled_steps} steps):')
     print(profiling.format_table(by_part))
   print(f"train: {train_ips:.1f} images/s at batch {b} {tuple(config.data.image_size)} "
         f"({flops_per_image / 1e9:.2f} GFLOP/image, {achieved / 1e9:.0f} GFLOP/s = "

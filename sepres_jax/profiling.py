@@ -18,9 +18,11 @@ from typing import Callable
 
 import jax
 
+from sepres_jax import models
+
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
-_LAYER = re.compile(r'SepResFCN8\)+/(\w+)/')  # A named submodule: stem, block1, conv6, ...
-_NETWORK = 'SepResFCN8)'
+_NETWORK = models.SepResFCN8.__name__ + ')'  # Traced scopes read jvp(SepResFCN8)/...
+_LAYER = re.compile(re.escape(_NETWORK) + r'+/(\w+)/')  # A named submodule: stem, conv6, ...
 TOP_LEVEL = 'pool/relu/add'  # The network's own operations between its submodules.
 _LOSS_WORDS = ('log_softmax', 'take_along_axis', 'cross_entropy', 'logsumexp')
 
@@ -36,10 +38,10 @@ def part_of(op_name: str) -> tuple[str, str]:
   m = _LAYER.search(op_name)
   if m:
     part = m.group(1)
-  elif _NETWORK in op_name and not any(w in op_name for w in _LOSS_WORDS):
-    part = TOP_LEVEL
   elif any(w in op_name for w in _LOSS_WORDS):
     part = 'loss'
+  elif _NETWORK in op_name:
+    part = TOP_LEVEL
   else:
     return 'optimizer+metrics', 'other'
   return part, 'backward' if backward else 'forward'
@@ -59,11 +61,10 @@ def time_by_part(trace_events, op_names: dict[str, str], calls: int) -> dict:
   return dict(table)
 
 
-def profile(compiled, call: Callable[[], object], calls: int = 3, logdir: str = '') -> dict:
+def profile(compiled, call: Callable[[], object], calls: int) -> dict:
   """Traces `calls` calls of `call()` (which runs `compiled`) and returns time_by_part's table."""
   op_names = op_layers(compiled.as_text())
-  with tempfile.TemporaryDirectory() as tmp:
-    logdir = logdir or tmp
+  with tempfile.TemporaryDirectory() as logdir:
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
       for _ in range(calls):
         jax.block_until_ready(call())
