@@ -18,6 +18,9 @@ from sepres_jax import profiling
     ('jit(train_step)/sqrt', ('optimizer+metrics', 'other')),
     ('jit(train_step)/jvp(SepResFCN8)/jit(relu)/max', ('pool/relu/add', 'forward')),
     ('jit(train_step)/transpose(jvp(SepResFCN8))/select_n', ('pool/relu/add', 'backward')),
+    # An inference step is not differentiated: its scopes carry no jvp(...).
+    ('jit(infer)/SepResFCN8/stem/add', ('stem', 'forward')),
+    ('jit(infer)/SepResFCN8/max', ('pool/relu/add', 'forward')),
 ])
 def test_part_of(op_name, expected):
   assert profiling.part_of(op_name) == expected
