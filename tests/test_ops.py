@@ -43,6 +43,16 @@ def test_conv_im2col(k):
   _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, 9, 7, 4), _rand(k, k, 4, 6))
 
 
+@pytest.mark.parametrize('k, cin', [(3, 3), (5, 1)])
+def test_conv_direct(k, cin, monkeypatch):
+  """Convs of at most _DIRECT_MAX_TAPS taps (the stem's) take the multiply-add form."""
+  calls, direct_sum = [], ops._direct_sum
+  monkeypatch.setattr(ops, '_direct_sum', lambda *a: calls.append(1) or direct_sum(*a))
+  _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, 10, 6, cin),
+               _rand(k, k, cin, 16))
+  assert calls
+
+
 def test_pointwise_conv_equals_lax_conv():
   x, w = _rand(2, 5, 6, 4), _rand(1, 1, 4, 3)
   plain = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
