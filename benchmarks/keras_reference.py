@@ -12,12 +12,9 @@ argmax. Each figure is the median of `--repeats` timed calls after two warm-up c
 printed is one JSON object.
 """
 
-import argparse
 import json
 import os
 import resource
-import statistics
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
@@ -25,6 +22,8 @@ os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 import keras  # pylint: disable=g-import-not-at-top
 from keras import layers  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+
+import reference_common  # pylint: disable=g-import-not-at-top
 
 
 def build(num_classes=12, widths=(16, 32, 64, 96, 128), head_width=2048):
@@ -53,25 +52,8 @@ def build(num_classes=12, widths=(16, 32, 64, 96, 128), head_width=2048):
   return keras.Model(inputs, layers.Activation('softmax')(y))
 
 
-def _median_seconds(fn, repeats):
-  for _ in range(2):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--train_batch_sizes', default='8,32')
-  parser.add_argument('--train_size', default='224,224')
-  parser.add_argument('--infer_size', default='384,480')
-  parser.add_argument('--infer_batch_size', type=int, default=8)
-  parser.add_argument('--num_classes', type=int, default=12)
-  parser.add_argument('--repeats', type=int, default=5)
+  parser = reference_common.parser(__doc__)
   parser.add_argument('--jit_compile', action='store_true', help='XLA (jit_compile=True)')
   args = parser.parse_args()
   keras.utils.set_random_seed(0)
@@ -79,22 +61,23 @@ def main():
   model.compile(optimizer=keras.optimizers.RMSprop(1e-3), loss='categorical_crossentropy',
                 jit_compile=args.jit_compile)
   rng = np.random.default_rng(0)
-  h, w = (int(v) for v in args.train_size.split(','))
+  h, w = reference_common.sizes(args.train_size)
   result = {'keras': keras.__version__, 'backend': keras.backend.backend(),
             'jit_compile': args.jit_compile}
   eye = np.eye(args.num_classes, dtype=np.float32)
 
-  for b in (int(v) for v in args.train_batch_sizes.split(',')):
+  for b in reference_common.sizes(args.train_batch_sizes):
     x = rng.uniform(-1, 1, (b, h, w, 3)).astype(np.float32)
     y = eye[rng.integers(0, args.num_classes, (b, h, w))]
-    seconds = _median_seconds(lambda: model.train_on_batch(x, y), args.repeats)
+    seconds = reference_common.median_seconds(lambda: model.train_on_batch(x, y), args.repeats)
     result[f'train_images_per_sec_batch{b}'] = round(b / seconds, 2)
     print(f'train, batch {b}: {result[f"train_images_per_sec_batch{b}"]} img/s', flush=True)
 
-  ih, iw = (int(v) for v in args.infer_size.split(','))
+  ih, iw = reference_common.sizes(args.infer_size)
   b = args.infer_batch_size
   x = rng.uniform(-1, 1, (b, ih, iw, 3)).astype(np.float32)
-  seconds = _median_seconds(lambda: np.argmax(model.predict_on_batch(x), -1), args.repeats)
+  seconds = reference_common.median_seconds(
+      lambda: np.argmax(model.predict_on_batch(x), -1), args.repeats)
   result['infer_images_per_sec'] = round(b / seconds, 2)
   print(f'inference {ih}x{iw}, batch {b}: {result["infer_images_per_sec"]} img/s', flush=True)
   result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

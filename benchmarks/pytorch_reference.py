@@ -1,4 +1,4 @@
-"""The same network in PyTorch, timed like `main.py --mode=benchmark`: a reference on the same machine.
+"""The same network in PyTorch, timed like `main.py --mode=benchmark`: a reference on one machine.
 
 Not part of sepres_jax and not a dependency of it: run it in its own environment,
     python -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch numpy
@@ -13,15 +13,14 @@ cross-entropy on random 224x224 batches; inference: eval mode under torch.infere
 printed is one JSON object.
 """
 
-import argparse
 import json
 import resource
-import statistics
-import time
 
 import numpy as np
 import torch
 from torch import nn
+
+import reference_common
 
 
 class SeparableConv(nn.Sequential):
@@ -77,25 +76,8 @@ class SepResFCN8(nn.Module):
     return self.up_final(y + s4 + s3)
 
 
-def _median_seconds(fn, repeats):
-  for _ in range(2):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--train_batch_sizes', default='8,32')
-  parser.add_argument('--train_size', default='224,224')
-  parser.add_argument('--infer_size', default='384,480')
-  parser.add_argument('--infer_batch_size', type=int, default=8)
-  parser.add_argument('--num_classes', type=int, default=12)
-  parser.add_argument('--repeats', type=int, default=5)
+  parser = reference_common.parser(__doc__)
   args = parser.parse_args()
   torch.manual_seed(0)
   fmt = torch.channels_last
@@ -103,10 +85,10 @@ def main():
   opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
   loss_fn = nn.CrossEntropyLoss()
   rng = np.random.default_rng(0)
-  h, w = (int(v) for v in args.train_size.split(','))
+  h, w = reference_common.sizes(args.train_size)
   result = {'torch': torch.__version__, 'threads': torch.get_num_threads()}
 
-  for b in (int(v) for v in args.train_batch_sizes.split(',')):
+  for b in reference_common.sizes(args.train_batch_sizes):
     x = torch.from_numpy(rng.uniform(-1, 1, (b, 3, h, w)).astype(np.float32)).to(
         memory_format=fmt)
     y = torch.from_numpy(rng.integers(0, args.num_classes, (b, h, w)))
@@ -119,10 +101,11 @@ def main():
       opt.step()
       return loss.item()
 
-    result[f'train_images_per_sec_batch{b}'] = round(b / _median_seconds(step, args.repeats), 2)
+    seconds = reference_common.median_seconds(step, args.repeats)
+    result[f'train_images_per_sec_batch{b}'] = round(b / seconds, 2)
     print(f'train, batch {b}: {result[f"train_images_per_sec_batch{b}"]} img/s', flush=True)
 
-  ih, iw = (int(v) for v in args.infer_size.split(','))
+  ih, iw = reference_common.sizes(args.infer_size)
   b = args.infer_batch_size
   x = torch.from_numpy(rng.uniform(-1, 1, (b, 3, ih, iw)).astype(np.float32)).to(
       memory_format=fmt)
@@ -132,7 +115,8 @@ def main():
     with torch.inference_mode():
       return model(x).argmax(1)
 
-  result['infer_images_per_sec'] = round(b / _median_seconds(infer, args.repeats), 2)
+  result['infer_images_per_sec'] = round(
+      b / reference_common.median_seconds(infer, args.repeats), 2)
   print(f'inference {ih}x{iw}, batch {b}: {result["infer_images_per_sec"]} img/s', flush=True)
   result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   print(json.dumps(result))
