@@ -99,7 +99,7 @@ def get_config():
   config.benchmark = ml_collections.ConfigDict()
   config.benchmark.repeats = 5  # Timed steps after warm-up (the median is reported).
   config.benchmark.infer_size = (384, 480)  # CamVid's 360x480 padded to a multiple of 32.
-  config.benchmark.profile = False  # Also print the train step's time per layer (a profile).
+  config.benchmark.profile = False  # Also print the train and infer steps' time per layer.
 
   # Evaluation.
   config.eval = ml_collections.ConfigDict()

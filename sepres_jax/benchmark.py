@@ -4,7 +4,8 @@ Prints a few human lines and, last, one JSON line with train_images_per_sec (at 
 infer_images_per_sec (config.benchmark.infer_size, batch config.eval_batch_size), compile times,
 peak_rss_mb, the model's FLOPs per training image from XLA's cost analysis, and the achieved FLOP/s
 as a fraction of a large float32 matrix product's FLOP/s measured in the same process. With
-`benchmark.profile`, also the train step's time per layer, forward and backward (profiling.py).
+`benchmark.profile`, also the train step's time per layer, forward and backward, and the inference
+step's (profiling.py).
 """
 
 import json
@@ -96,6 +97,8 @@ def benchmark(config) -> int:
   infer_compiled = infer.lower(variables, images).compile()
   infer_compile = time.perf_counter() - t
   infer_ips = eb / _timed(infer_compiled, variables, images, repeats=repeats)
+  infer_by_part = (profiling.profile(infer_compiled, lambda: infer_compiled(variables, images),
+                                     profiled_steps) if config.benchmark.profile else {})
 
   # --- The hardware's limit, in the same process ------------------------------------------
   peak = matmul_flops_per_sec()
@@ -116,11 +119,12 @@ def benchmark(config) -> int:
       'flops_fraction_of_matmul': round(achieved / peak, 4),
       'peak_rss_mb': round(_peak_rss_mb(), 1),
   }
-  if by_part:
-    result['train_seconds_by_part'] = {
-        part: {k: round(v, 4) for k, v in d.items()} for part, d in by_part.items()}
-    print(f'train step by part (seconds per step, from a profile of {profiled_steps} steps):')
-    print(profiling.format_table(by_part))
+  for what, table in (('train', by_part), ('infer', infer_by_part)):
+    if table:
+      result[f'{what}_seconds_by_part'] = {
+          part: {k: round(v, 4) for k, v in d.items()} for part, d in table.items()}
+      print(f'{what} step by part (seconds per step, from a profile of {profiled_steps} steps):')
+      print(profiling.format_table(table))
   print(f"train: {train_ips:.1f} images/s at batch {b} {tuple(config.data.image_size)} "
         f"({flops_per_image / 1e9:.2f} GFLOP/image, {achieved / 1e9:.0f} GFLOP/s = "
         f"{100 * achieved / peak:.0f}% of a {peak / 1e9:.0f} GFLOP/s matmul)")

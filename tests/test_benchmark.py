@@ -65,6 +65,10 @@ def test_benchmark_mode_prints_json_and_profile(tmp_path):
   for layer in ('stem', 'block1', 'block4', 'conv6', 'up_final'):
     assert parts[layer]['forward'] > 0 and parts[layer]['backward'] > 0, layer
   assert parts['loss']['forward'] > 0
+  infer = result['infer_seconds_by_part']  # Not differentiated: every layer forward only.
+  assert {'stem', 'block1', 'block4', 'conv6', 'up_final'} <= set(infer)
+  assert all('backward' not in d for d in infer.values())
+  assert infer['block1']['forward'] > 0 and 'infer step by part' in out.stdout
   assert 'conv6' in out.stdout and 'share' in out.stdout
 
 
