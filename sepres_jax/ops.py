@@ -2,24 +2,36 @@
 
 `xla` is the textbook form (lax convolutions, reduce_window pooling). `fast_cpu` computes the same
 function as shifted multiply-adds and matrix products, whose forward and backward passes XLA's CPU
-backend runs many times faster (see ARCHITECTURE.md, "Where the time goes"). Both forms take the same
-parameters, so checkpoints are interchangeable; tests/test_ops.py checks values and gradients agree.
+backend runs many times faster (see ARCHITECTURE.md, "Where the time goes"). `native_cpu` is
+fast_cpu with the depthwise convolution's backward pass in compiled C++ kernels (sepres_jax/native.py);
+its forward pass is fast_cpu's, to the bit. All forms take the same parameters, so checkpoints are
+interchangeable; tests/test_ops.py checks values and gradients agree.
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('xla', 'fast_cpu')
+from sepres_jax import native
+
+IMPLS = ('xla', 'fast_cpu', 'native_cpu')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 def resolve_impl(impl: str) -> str:
-  """'auto' -> 'fast_cpu' on CPU, 'xla' (library kernels) on accelerators."""
+  """'auto' -> on CPU 'native_cpu' if its kernels build here, else 'fast_cpu'; 'xla' (library
+  kernels) on accelerators. 'native_cpu' asked for where its kernels cannot build is an error."""
   if impl == 'auto':
-    return 'fast_cpu' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+      return 'xla'
+    return 'native_cpu' if native.available()[0] else 'fast_cpu'
   if impl not in IMPLS:
     raise ValueError(f"model.impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+  if impl == 'native_cpu':
+    ok, why = native.available()
+    if not ok:
+      raise ValueError(f"model.impl='native_cpu': the compiled kernels are not available ({why}); "
+                       "use 'fast_cpu'")
   return impl
 
 
@@ -29,6 +41,8 @@ def depthwise_conv3x3(x, kernel, impl):
     return lax.conv_general_dilated(
         x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC,
         feature_group_count=x.shape[-1])
+  if impl == 'native_cpu' and x.dtype == kernel.dtype == jnp.float32:
+    return _depthwise_native(x, kernel)
   return _depthwise_shifted(x, kernel)
 
 
@@ -86,6 +100,24 @@ def _depthwise_bwd(res, g):
 
 
 _depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+@jax.custom_vjp
+def _depthwise_native(x, kernel):
+  return _shifted_sum(x, kernel[:, :, 0, :])
+
+
+def _depthwise_native_bwd(res, g):
+  # Both gradients as compiled kernels: each reads its inputs from memory once. The forward pass
+  # stays XLA's fusion (as fast here, and the same bits as fast_cpu for inference and export).
+  # A custom call is opaque to XLA's fusion, so g is written to memory first; with only one of
+  # the two gradients compiled, XLA recomputed g's producers for the other (0.95-0.97x).
+  x, kernel = res
+  return (native.depthwise3x3(g, kernel[::-1, ::-1]),
+          native.depthwise3x3_kernel_grad(x, g))
+
+
+_depthwise_native.defvjp(_depthwise_fwd, _depthwise_native_bwd)
 
 
 def pointwise_conv(x, kernel):
@@ -177,36 +209,39 @@ def max_pool2x2(x, impl):
   return _max_pool2x2_reshape(x)
 
 
+def _quarters(x):
+  return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
 @jax.custom_vjp
 def _max_pool2x2_reshape(x):
   # The maximum of the four strided quarters: one elementwise fusion, 3-8x faster here than a
   # reduction over the reshaped window axes, which XLA's CPU backend runs as a strided loop.
-  return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
-                     jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+  a, b, c, d = _quarters(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
 def _max_pool_fwd(x):
-  y = _max_pool2x2_reshape(x)
-  return y, (x, y)
+  # The residual is which of the window's four entries is the maximum (the first one on ties, as
+  # reduce_window's gradient does), as int8 at the pooled size: the backward pass then neither
+  # keeps x alive nor recomputes it. With x as the residual, XLA fused the producers of x (the
+  # stem's convolution, BatchNorm and ReLU) into the backward pass and recomputed them up to four
+  # times per element.
+  a, b, c, d = _quarters(x)
+  y = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  where = jnp.where(a == y, 0, jnp.where(b == y, 1, jnp.where(c == y, 2, 3))).astype(jnp.int8)
+  return y, where
 
 
-def _max_pool_bwd(res, g):
-  # The gradient goes to the window's maximum (the first one on ties, as reduce_window does).
-  x, y = res
-  b, h, w, c = x.shape
-  xw = x.reshape(b, h // 2, 2, w // 2, 2, c)
-  hit = xw == y[:, :, None, :, None, :]
-  taken = jnp.zeros_like(y, dtype=bool)
-  grads = []
-  for i in range(2):
-    row = []
-    for j in range(2):
-      h_ij = hit[:, :, i, :, j, :] & ~taken
-      taken = taken | h_ij
-      row.append(jnp.where(h_ij, g, jnp.zeros_like(g)))
-    grads.append(jnp.stack(row, axis=3))
-  dx = jnp.stack(grads, axis=2).reshape(b, h, w, c)
-  return (dx,)
+def _max_pool_bwd(where, g):
+  b, h2, w2, c = g.shape
+  # dx[:, 2i + p, 2j + q] = g[:, i, j] where the maximum was entry 2p + q: a broadcast, then a
+  # reshape that is free in the row-major layout.
+  entry = (2 * lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 2)
+           + lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 4))
+  taken = where[:, :, None, :, None, :] == entry
+  dx = jnp.where(taken, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  return (dx.reshape(b, 2 * h2, 2 * w2, c),)
 
 
 _max_pool2x2_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)

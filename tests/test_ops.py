@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 
 from sepres_jax import models
+from sepres_jax import native
 from sepres_jax import ops
 
 RNG = np.random.default_rng(0)
+NATIVE, NATIVE_WHY = native.available()
+# The forms checked against 'xla': native_cpu where its kernels build (tests/test_native.py checks
+# that they build wherever a C++ compiler is installed).
+FAST = ('fast_cpu', 'native_cpu') if NATIVE else ('fast_cpu',)
 
 
 def _rand(*shape):
@@ -17,12 +22,13 @@ def _rand(*shape):
 
 def _assert_same(fn, *args):
   """fn(impl, *args) agrees between impls, and so do its gradients wrt every argument."""
-  plain, fast = fn('xla', *args), fn('fast_cpu', *args)
-  np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
+  plain = fn('xla', *args)
   cot = _rand(*plain.shape)
-  for i in range(len(args)):
-    g = lambda impl: jax.grad(lambda *a: jnp.sum(fn(impl, *a) * cot), argnums=i)(*args)
-    np.testing.assert_allclose(g('fast_cpu'), g('xla'), rtol=1e-4, atol=1e-4)
+  for impl in FAST:
+    np.testing.assert_allclose(fn(impl, *args), plain, rtol=1e-4, atol=1e-4, err_msg=impl)
+    for i in range(len(args)):
+      g = lambda impl: jax.grad(lambda *a: jnp.sum(fn(impl, *a) * cot), argnums=i)(*args)
+      np.testing.assert_allclose(g(impl), g('xla'), rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
 @pytest.mark.parametrize('block_bytes', [1 << 20, 2 * 4 * 14 * 5 * 4])
@@ -34,8 +40,25 @@ def test_depthwise_conv3x3(block_bytes, monkeypatch):
   x, k = _rand(2, 8, 12, 5), _rand(3, 3, 1, 5)
   grad = lambda impl: jax.jit(jax.grad(
       lambda x, k: jnp.sum(jnp.sin(ops.depthwise_conv3x3(x, k, impl))), argnums=(0, 1)))(x, k)
-  for fast, plain in zip(grad('fast_cpu'), grad('xla')):
+  for impl in FAST:
+    for fast, plain in zip(grad(impl), grad('xla')):
+      np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4, err_msg=impl)
+
+
+@pytest.mark.skipif(not NATIVE, reason=f'compiled kernels unavailable: {NATIVE_WHY}')
+@pytest.mark.parametrize('shape', [(1, 1, 1, 1), (3, 1, 7, 2), (2, 5, 1, 3), (4, 40, 24, 37),
+                                   (9, 6, 6, 16)])
+def test_depthwise_native_shapes(shape):
+  """Edge sizes (a single row or column), a channel count that is no multiple of the vector
+  width, and batches that split into many tasks over the thread pool: jitted, against lax."""
+  x, k, cot = _rand(*shape), _rand(3, 3, 1, shape[-1]), _rand(*shape)
+  grad = lambda impl: jax.jit(jax.grad(
+      lambda x, k: jnp.sum(ops.depthwise_conv3x3(x, k, impl) * cot), argnums=(0, 1)))(x, k)
+  for fast, plain in zip(grad('native_cpu'), grad('xla')):
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
+  # The forward pass is fast_cpu's, to the bit: predictions and exported models do not change.
+  np.testing.assert_array_equal(jax.jit(lambda x, k: ops.depthwise_conv3x3(x, k, 'native_cpu'))(x, k),
+                                jax.jit(lambda x, k: ops.depthwise_conv3x3(x, k, 'fast_cpu'))(x, k))
 
 
 @pytest.mark.parametrize('k', [3, 7])
@@ -79,6 +102,13 @@ def test_max_pool2x2():
   _assert_same(lambda impl, x: ops.max_pool2x2(x, impl), _rand(2, 8, 6, 3))
 
 
+def test_max_pool2x2_many_ties():
+  """After a ReLU most windows hold several zeros: the gradient goes where reduce_window's goes."""
+  x = jnp.maximum(jnp.round(_rand(2, 8, 6, 3)), 0.0)
+  assert float((x == 0).mean()) > 0.4
+  _assert_same(lambda impl, x: ops.max_pool2x2(x, impl), x)
+
+
 def test_max_pool2x2_ties_go_to_one_element():
   x = jnp.ones((1, 2, 2, 1))
   for impl in ops.IMPLS:
@@ -97,14 +127,22 @@ def test_whole_network_same_in_both_impls():
         mutable=['batch_stats'])
     return jnp.mean(out ** 2)
 
-  np.testing.assert_allclose(loss('fast_cpu', variables['params']),
-                             loss('xla', variables['params']), rtol=1e-4)
-  g_fast = jax.grad(lambda p: loss('fast_cpu', p))(variables['params'])
   g_xla = jax.grad(lambda p: loss('xla', p))(variables['params'])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5), g_fast, g_xla)
+  for impl in FAST:
+    np.testing.assert_allclose(loss(impl, variables['params']),
+                               loss('xla', variables['params']), rtol=1e-4)
+    g_fast = jax.grad(lambda p: loss(impl, p))(variables['params'])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5), g_fast,
+                 g_xla)
 
 
-def test_resolve_impl():
-  assert ops.resolve_impl('auto') == ('fast_cpu' if jax.default_backend() == 'cpu' else 'xla')
+def test_resolve_impl(monkeypatch):
+  cpu = 'native_cpu' if NATIVE else 'fast_cpu'
+  assert ops.resolve_impl('auto') == (cpu if jax.default_backend() == 'cpu' else 'xla')
+  monkeypatch.setattr(native, 'available', lambda: (False, 'RuntimeError: no C++ compiler'))
+  if jax.default_backend() == 'cpu':
+    assert ops.resolve_impl('auto') == 'fast_cpu'
+  with pytest.raises(ValueError, match="native_cpu.*no C\\+\\+ compiler.*fast_cpu"):
+    ops.resolve_impl('native_cpu')
   with pytest.raises(ValueError, match='model.impl'):
     ops.resolve_impl('cuda')

@@ -1,0 +1,182 @@
+// 3x3 depthwise convolution (stride 1, SAME) and its kernel gradient, float32 NHWC, as XLA FFI
+// handlers for the CPU backend. sepres_jax/native.py builds this file with the system C++ compiler
+// at first use and registers the handlers; ops.py calls them through jax.ffi.ffi_call.
+//
+// The work is split into tasks of whole rows of one image, spread over XLA's intra-op thread pool;
+// the calling thread takes tasks too, so the call finishes even when the pool runs nothing.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs fn(task) for task in [0, num_tasks) on the pool and the calling thread; returns when all
+// have finished.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t num_tasks, Fn fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;  // Guarded by mu.
+    int64_t total = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->total = num_tasks;
+  // Runs tasks until none is left unclaimed. The caller's stack outlives every task that runs
+  // fn: it waits for all claimed tasks to finish before it returns.
+  auto work = [state, &fn]() {
+    int64_t finished = 0;
+    for (int64_t t; (t = state->next.fetch_add(1)) < state->total;) {
+      fn(t);
+      ++finished;
+    }
+    if (finished > 0) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->done += finished;
+      if (state->done == state->total) state->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), num_tasks - 1);
+  for (int64_t i = 0; i < helpers; ++i) {
+    // A helper that starts after all tasks are claimed touches only `state`, which it shares.
+    pool.Schedule([state, work]() { work(); });
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == state->total; });
+}
+
+// Rows of one image per task: enough work per task to amortise scheduling, at least
+// 4 tasks per thread for balance.
+int64_t RowsPerTask(int64_t b, int64_t h, int64_t w, int64_t c, int64_t threads) {
+  const int64_t target_tasks = std::max<int64_t>(1, 4 * threads);
+  int64_t rows = std::max<int64_t>(1, (b * h + target_tasks - 1) / target_tasks);
+  rows = std::min<int64_t>(rows, h);
+  // At least ~64 KB of output per task.
+  while (rows < h && rows * w * c < 16384) rows *= 2;
+  return std::min<int64_t>(rows, h);
+}
+
+// y[b, r, :, :] for r in [r0, r1): sum over the 9 taps, zero padding at the borders.
+void DepthwiseRows(const float* x, const float* k, float* y, int64_t h, int64_t w, int64_t c,
+                   int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* yr = y + r * w * c;
+    std::memset(yr, 0, sizeof(float) * w * c);
+    for (int64_t i = 0; i < 3; ++i) {
+      const int64_t src = r + i - 1;
+      if (src < 0 || src >= h) continue;
+      const float* xr = x + src * w * c;
+      for (int64_t j = 0; j < 3; ++j) {
+        const float* kij = k + (i * 3 + j) * c;
+        const int64_t w0 = std::max<int64_t>(0, 1 - j), w1 = std::min<int64_t>(w, w + 1 - j);
+        for (int64_t col = w0; col < w1; ++col) {
+          const float* xp = xr + (col + j - 1) * c;
+          float* yp = yr + col * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) yp[ch] += xp[ch] * kij[ch];
+        }
+      }
+    }
+  }
+}
+
+ffi::Error Depthwise3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 4 || k.element_count() != 9 * dims[3]) {
+    return ffi::Error::InvalidArgument("sepres depthwise: x must be [B,H,W,C], k [3,3,1,C]");
+  }
+  const int64_t b = dims[0], h = dims[1], w = dims[2], c = dims[3];
+  const int64_t rows = RowsPerTask(b, h, w, c, pool.num_threads() + 1);
+  const int64_t per_image = (h + rows - 1) / rows;
+  const float* xd = x.typed_data();
+  const float* kd = k.typed_data();
+  float* yd = y->typed_data();
+  ParallelFor(pool, b * per_image, [&](int64_t t) {
+    const int64_t n = t / per_image, r0 = (t % per_image) * rows;
+    DepthwiseRows(xd + n * h * w * c, kd, yd + n * h * w * c, h, w, c, r0,
+                  std::min<int64_t>(h, r0 + rows));
+  });
+  return ffi::Error::Success();
+}
+
+// acc[9, c] += sum over rows [r0, r1) of one image of pad(x)[r+i-1, col+j-1] * g[r, col].
+void KernelGradRows(const float* x, const float* g, float* acc, int64_t h, int64_t w, int64_t c,
+                    int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* gr = g + r * w * c;
+    for (int64_t i = 0; i < 3; ++i) {
+      const int64_t src = r + i - 1;
+      if (src < 0 || src >= h) continue;
+      const float* xr = x + src * w * c;
+      for (int64_t j = 0; j < 3; ++j) {
+        float* a = acc + (i * 3 + j) * c;
+        const int64_t w0 = std::max<int64_t>(0, 1 - j), w1 = std::min<int64_t>(w, w + 1 - j);
+        for (int64_t col = w0; col < w1; ++col) {
+          const float* xp = xr + (col + j - 1) * c;
+          const float* gp = gr + col * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) a[ch] += xp[ch] * gp[ch];
+        }
+      }
+    }
+  }
+}
+
+ffi::Error Depthwise3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 4 || g.element_count() != x.element_count() ||
+      dk->element_count() != 9 * dims[3]) {
+    return ffi::Error::InvalidArgument("sepres depthwise kernel grad: x, g [B,H,W,C], dk [3,3,1,C]");
+  }
+  const int64_t b = dims[0], h = dims[1], w = dims[2], c = dims[3];
+  const int64_t rows = RowsPerTask(b, h, w, c, pool.num_threads() + 1);
+  const int64_t per_image = (h + rows - 1) / rows;
+  const int64_t tasks = b * per_image;
+  // One partial sum per task, added in task order: the result does not depend on scheduling.
+  std::vector<float> partial(tasks * 9 * c, 0.0f);
+  const float* xd = x.typed_data();
+  const float* gd = g.typed_data();
+  ParallelFor(pool, tasks, [&](int64_t t) {
+    const int64_t n = t / per_image, r0 = (t % per_image) * rows;
+    KernelGradRows(xd + n * h * w * c, gd + n * h * w * c, partial.data() + t * 9 * c, h, w, c,
+                   r0, std::min<int64_t>(h, r0 + rows));
+  });
+  float* out = dk->typed_data();
+  std::vector<double> sum(9 * c, 0.0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const float* p = partial.data() + t * 9 * c;
+    for (int64_t e = 0; e < 9 * c; ++e) sum[e] += p[e];
+  }
+  for (int64_t e = 0; e < 9 * c; ++e) out[e] = static_cast<float>(sum[e]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDepthwise3x3, Depthwise3x3,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDepthwise3x3KernelGrad, Depthwise3x3KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

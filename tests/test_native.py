@@ -1,0 +1,82 @@
+"""The compiled CPU kernels: their build, their failures, and their sums against float64."""
+
+import ctypes
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sepres_jax import native
+
+HAS_COMPILER = native._compiler() is not None  # pylint: disable=protected-access
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+
+
+@needs_compiler
+def test_kernels_build_and_register_where_a_compiler_is():
+  ok, where = native.available()
+  assert ok, where
+  assert os.path.exists(where)
+
+
+@needs_compiler
+def test_fresh_build_exports_the_handlers(tmp_path):
+  path = native.library_path(str(tmp_path))
+  native.build(path)
+  lib = ctypes.cdll.LoadLibrary(path)
+  for symbol in native.TARGETS.values():
+    assert getattr(lib, symbol)
+  assert os.listdir(tmp_path) == [os.path.basename(path)]  # No temporary file left behind.
+
+
+def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(native, '_compiler', lambda: None)
+  with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
+    native.build(str(tmp_path / 'k.so'))
+
+
+@needs_compiler
+def test_compile_error_names_the_source_and_leaves_nothing(tmp_path, monkeypatch):
+  bad = tmp_path / 'bad.cc'
+  bad.write_text('this is not C++\n')
+  monkeypatch.setattr(native, 'SOURCE', str(bad))
+  out = tmp_path / 'cache' / 'k.so'
+  with pytest.raises(RuntimeError, match='bad.cc'):
+    native.build(str(out))
+  assert os.listdir(out.parent) == []
+
+
+def test_disabled_by_environment(monkeypatch):
+  monkeypatch.setenv('SEPRES_JAX_NATIVE', '0')
+  ok, why = native._load.__wrapped__()  # pylint: disable=protected-access
+  assert not ok and 'SEPRES_JAX_NATIVE=0' in why
+
+
+def test_library_name_follows_the_source(tmp_path, monkeypatch):
+  src = tmp_path / 'k.cc'
+  shutil.copy(native.SOURCE, src)
+  monkeypatch.setattr(native, 'SOURCE', str(src))
+  before = native.library_path(str(tmp_path))
+  src.write_text(src.read_text() + '\n// changed\n')
+  assert native.library_path(str(tmp_path)) != before
+
+
+@pytest.mark.skipif(not native.available()[0], reason='compiled kernels unavailable')
+def test_kernel_grad_against_float64():
+  """The kernel gradient sums per-task partials in float64: within float32 rounding of the
+  exact sum over 4x40x24 positions."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((4, 40, 24, 37)).astype(np.float32)
+  g = rng.standard_normal((4, 40, 24, 37)).astype(np.float32)
+  got = np.asarray(jax.jit(native.depthwise3x3_kernel_grad)(jnp.asarray(x), jnp.asarray(g)))
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  exact = np.stack([(xp[:, i:i + 40, j:j + 24] * g).sum((0, 1, 2))
+                    for i in range(3) for j in range(3)]).reshape(3, 3, 1, 37)
+  np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-3)
+  y = np.asarray(jax.jit(native.depthwise3x3)(jnp.asarray(x), jnp.asarray(got)))
+  k = got[:, :, 0].astype(np.float64)
+  ref = sum(xp[:, i:i + 40, j:j + 24] * k[i, j] for i in range(3) for j in range(3))
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-2)
