@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (csrc/depthwise.cc), built with the system C++ compiler at first use.
+"""Compiled CPU kernels (csrc/kernels.cc), built with the system C++ compiler at first use.
 
 The 3x3 depthwise convolution's backward pass (its input gradient and its kernel gradient) runs
 2-6x faster as a plain C++ loop over rows than in the form XLA's CPU backend generates, which
@@ -22,10 +22,11 @@ import tempfile
 
 import jax
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'depthwise.cc')
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'kernels.cc')
 TARGETS = {  # FFI target name -> exported symbol.
     'sepres_depthwise3x3': 'SepresDepthwise3x3',
     'sepres_depthwise3x3_kernel_grad': 'SepresDepthwise3x3KernelGrad',
+    'sepres_dense_kernel_grad': 'SepresDenseKernelGrad',
 }
 _FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
 
@@ -121,4 +122,13 @@ def depthwise3x3_kernel_grad(x, g):
   _require()
   return jax.ffi.ffi_call('sepres_depthwise3x3_kernel_grad',
                           jax.ShapeDtypeStruct((3, 3, 1, x.shape[-1]), x.dtype),
+                          vmap_method='sequential')(x, g)
+
+
+def dense_kernel_grad(x, g, kernel_shape):
+  """dL/dkernel [KH, KW, Cin, Cout] of a stride-1 SAME convolution of float32 NHWC x, given
+  g = dL/dout [B, H, W, Cout]. Meant for few taps (the stem's 3x3x3)."""
+  _require()
+  return jax.ffi.ffi_call('sepres_dense_kernel_grad',
+                          jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
                           vmap_method='sequential')(x, g)

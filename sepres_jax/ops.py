@@ -133,6 +133,8 @@ def conv(x, kernel, impl):
   if impl == 'xla':
     return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC)
   if kh * kw * x.shape[-1] <= _DIRECT_MAX_TAPS:
+    if impl == 'native_cpu' and x.dtype == kernel.dtype == jnp.float32:
+      return _conv_direct_native(x, kernel)
     return _conv_direct(x, kernel)
   return _conv_im2col(x, kernel)
 
@@ -185,6 +187,23 @@ def _conv_direct_bwd(res, g):
 
 
 _conv_direct.defvjp(_conv_direct_fwd, _conv_direct_bwd)
+
+
+@jax.custom_vjp
+def _conv_direct_native(x, kernel):
+  return _direct_sum(x, kernel)
+
+
+def _conv_direct_native_bwd(res, g):
+  # The kernel gradient compiled: one pass over g, where the im2col form first writes the
+  # patches (9x the stem's input) to memory. The input gradient (unused for the stem, whose input
+  # is the image, and then removed by XLA) stays the im2col form's.
+  x, kernel = res
+  dx = jax.vjp(lambda x: _conv_im2col(x, kernel), x)[1](g)[0]
+  return dx, native.dense_kernel_grad(x, g, kernel.shape)
+
+
+_conv_direct_native.defvjp(_conv_direct_fwd, _conv_direct_native_bwd)
 
 
 def upsample_conv(x, kernel, impl):

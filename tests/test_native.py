@@ -80,3 +80,21 @@ def test_kernel_grad_against_float64():
   k = got[:, :, 0].astype(np.float64)
   ref = sum(xp[:, i:i + 40, j:j + 24] * k[i, j] for i in range(3) for j in range(3))
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.skipif(not native.available()[0], reason='compiled kernels unavailable')
+@pytest.mark.parametrize('shape, k, cout', [((3, 7, 5, 3), 3, 5), ((2, 1, 9, 1), 5, 17),
+                                            ((5, 12, 10, 2), 3, 16)])
+def test_dense_kernel_grad_against_float64(shape, k, cout):
+  """The stem's kernel gradient: borders of a single row, odd output counts, many tasks."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal(shape).astype(np.float32)
+  g = rng.standard_normal(shape[:3] + (cout,)).astype(np.float32)
+  got = np.asarray(jax.jit(lambda x, g: native.dense_kernel_grad(x, g, (k, k, shape[-1], cout)))(
+      jnp.asarray(x), jnp.asarray(g)))
+  p = (k - 1) // 2
+  xp = np.pad(x.astype(np.float64), ((0, 0), (p, k - 1 - p), (p, k - 1 - p), (0, 0)))
+  h, w = shape[1:3]
+  exact = np.stack([np.stack([np.einsum('bhwc,bhwo->co', xp[:, i:i + h, j:j + w], g)
+                              for j in range(k)]) for i in range(k)])
+  np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)

@@ -1,5 +1,5 @@
-// 3x3 depthwise convolution (stride 1, SAME) and its kernel gradient, float32 NHWC, as XLA FFI
-// handlers for the CPU backend. sepres_jax/native.py builds this file with the system C++ compiler
+// 3x3 depthwise convolution (stride 1, SAME) and its kernel gradient, and the kernel gradient of a
+// small dense convolution (the stem's), float32 NHWC, as XLA FFI handlers for the CPU backend. sepres_jax/native.py builds this file with the system C++ compiler
 // at first use and registers the handlers; ops.py calls them through jax.ffi.ffi_call.
 //
 // The work is split into tasks of whole rows of one image, spread over XLA's intra-op thread pool;
@@ -165,6 +165,66 @@ ffi::Error Depthwise3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// dk[t, o] += sum over rows [r0, r1) of one image of pad(x)[r + i - ph, col + j - pw, ci] * g[r,
+// col, o], t = (i * kw + j) * cin + ci: one pass over g, each x value broadcast over the outputs.
+void DenseKernelGradRows(const float* x, const float* g, float* acc, int64_t h, int64_t w,
+                         int64_t cin, int64_t cout, int64_t kh, int64_t kw, int64_t r0,
+                         int64_t r1) {
+  const int64_t ph = (kh - 1) / 2, pw = (kw - 1) / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t col = 0; col < w; ++col) {
+      const float* gp = g + (r * w + col) * cout;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t src = r + i - ph;
+        if (src < 0 || src >= h) continue;
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t sc = col + j - pw;
+          if (sc < 0 || sc >= w) continue;
+          const float* xp = x + (src * w + sc) * cin;
+          for (int64_t ci = 0; ci < cin; ++ci) {
+            const float v = xp[ci];
+            float* a = acc + ((i * kw + j) * cin + ci) * cout;
+#pragma omp simd
+            for (int64_t o = 0; o < cout; ++o) a[o] += v * gp[o];
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                           ffi::ResultBuffer<ffi::F32> dk) {
+  const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || kd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] ||
+      xd[2] != gd[2] || kd[2] != xd[3] || kd[3] != gd[3]) {
+    return ffi::Error::InvalidArgument(
+        "sepres dense kernel grad: x [B,H,W,Cin], g [B,H,W,Cout], dk [KH,KW,Cin,Cout]");
+  }
+  const int64_t b = xd[0], h = xd[1], w = xd[2], cin = xd[3], cout = gd[3];
+  const int64_t kh = kd[0], kw = kd[1], taps = kh * kw * cin;
+  const int64_t rows = RowsPerTask(b, h, w, cout, pool.num_threads() + 1);
+  const int64_t per_image = (h + rows - 1) / rows;
+  const int64_t tasks = b * per_image;
+  std::vector<float> partial(tasks * taps * cout, 0.0f);
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  ParallelFor(pool, tasks, [&](int64_t t) {
+    const int64_t n = t / per_image, r0 = (t % per_image) * rows;
+    DenseKernelGradRows(xp + n * h * w * cin, gp + n * h * w * cout,
+                        partial.data() + t * taps * cout, h, w, cin, cout, kh, kw, r0,
+                        std::min<int64_t>(h, r0 + rows));
+  });
+  std::vector<double> sum(taps * cout, 0.0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const float* p = partial.data() + t * taps * cout;
+    for (int64_t e = 0; e < taps * cout; ++e) sum[e] += p[e];
+  }
+  float* out = dk->typed_data();
+  for (int64_t e = 0; e < taps * cout; ++e) out[e] = static_cast<float>(sum[e]);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDepthwise3x3, Depthwise3x3,
@@ -175,6 +235,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDepthwise3x3, Depthwise3x3,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDepthwise3x3KernelGrad, Depthwise3x3KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDenseKernelGrad, DenseKernelGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
