@@ -1,4 +1,4 @@
-"""Layer kernels of the network, each in two exact forms.
+"""Layer kernels of the network, each in exact forms that compute the same function.
 
 `xla` is the textbook form (lax convolutions, reduce_window pooling). `fast_cpu` computes the same
 function as shifted multiply-adds and matrix products, whose forward and backward passes XLA's CPU
