@@ -68,6 +68,17 @@ int64_t RowsPerTask(int64_t b, int64_t h, int64_t w, int64_t c, int64_t threads)
   return std::min<int64_t>(rows, h);
 }
 
+// out[e] = sum over tasks of partial[t * n + e], added in float64 in task order: the result does
+// not depend on which thread ran which task.
+void SumPartials(const std::vector<float>& partial, int64_t tasks, int64_t n, float* out) {
+  std::vector<double> sum(n, 0.0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const float* p = partial.data() + t * n;
+    for (int64_t e = 0; e < n; ++e) sum[e] += p[e];
+  }
+  for (int64_t e = 0; e < n; ++e) out[e] = static_cast<float>(sum[e]);
+}
+
 // y[b, r, :, :] for r in [r0, r1): sum over the 9 taps, zero padding at the borders.
 void DepthwiseRows(const float* x, const float* k, float* y, int64_t h, int64_t w, int64_t c,
                    int64_t r0, int64_t r1) {
@@ -146,7 +157,6 @@ ffi::Error Depthwise3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t rows = RowsPerTask(b, h, w, c, pool.num_threads() + 1);
   const int64_t per_image = (h + rows - 1) / rows;
   const int64_t tasks = b * per_image;
-  // One partial sum per task, added in task order: the result does not depend on scheduling.
   std::vector<float> partial(tasks * 9 * c, 0.0f);
   const float* xd = x.typed_data();
   const float* gd = g.typed_data();
@@ -155,13 +165,7 @@ ffi::Error Depthwise3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     KernelGradRows(xd + n * h * w * c, gd + n * h * w * c, partial.data() + t * 9 * c, h, w, c,
                    r0, std::min<int64_t>(h, r0 + rows));
   });
-  float* out = dk->typed_data();
-  std::vector<double> sum(9 * c, 0.0);
-  for (int64_t t = 0; t < tasks; ++t) {
-    const float* p = partial.data() + t * 9 * c;
-    for (int64_t e = 0; e < 9 * c; ++e) sum[e] += p[e];
-  }
-  for (int64_t e = 0; e < 9 * c; ++e) out[e] = static_cast<float>(sum[e]);
+  SumPartials(partial, tasks, 9 * c, dk->typed_data());
   return ffi::Error::Success();
 }
 
@@ -215,13 +219,7 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                         partial.data() + t * taps * cout, h, w, cin, cout, kh, kw, r0,
                         std::min<int64_t>(h, r0 + rows));
   });
-  std::vector<double> sum(taps * cout, 0.0);
-  for (int64_t t = 0; t < tasks; ++t) {
-    const float* p = partial.data() + t * taps * cout;
-    for (int64_t e = 0; e < taps * cout; ++e) sum[e] += p[e];
-  }
-  float* out = dk->typed_data();
-  for (int64_t e = 0; e < taps * cout; ++e) out[e] = static_cast<float>(sum[e]);
+  SumPartials(partial, tasks, taps * cout, dk->typed_data());
   return ffi::Error::Success();
 }
 
