@@ -112,7 +112,7 @@ def _depthwise_native_bwd(res, g):
   # Both gradients as compiled kernels: each reads its inputs from memory once. The forward pass
   # stays XLA's fusion (as fast here, and the same bits as fast_cpu for inference and export).
   # A custom call is opaque to XLA's fusion, so g is written to memory first; with only one of
-  # the two gradients compiled, XLA recomputed g's producers for the other (0.95-0.97x).
+  # the two gradients compiled, XLA recomputed g's producers for the other (0.92-0.97x).
   x, kernel = res
   return (native.depthwise3x3(g, kernel[::-1, ::-1]),
           native.depthwise3x3_kernel_grad(x, g))
