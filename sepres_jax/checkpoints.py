@@ -14,6 +14,7 @@ import json
 import os
 import re
 from typing import Any, Optional
+import weakref
 
 import grain
 import jax
@@ -55,30 +56,40 @@ def create_manager(workdir: str, best_metric: Optional[str] = None,
                      'data': grain.checkpoint.CheckpointHandler()})
 
 
+_IN_FLIGHT = weakref.WeakKeyDictionary()  # manager -> the step its asynchronous save is writing.
+
+
 def save(manager, step: int, state, meta: dict, data_iterator=None,
          metrics: Optional[dict] = None) -> None:
   """Starts an asynchronous save of `step`; `metrics` ranks it for the best checkpoint.
 
-  A failure (of this save, or of the previous one still being written) raises CheckpointError;
-  the complete checkpoints already on disk are left as they were.
+  A failure (of this save, or of the previous one still being written) raises CheckpointError
+  naming the step that failed; the complete checkpoints already on disk are left as they were.
   """
+  wait(manager)  # orbax waits for the previous save anyway; this names its step if it failed.
   items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   try:
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'could not save checkpoint {step} in {manager.directory} '
-                          f'({short_reason(e)}); the previous checkpoints are intact') from e
+    raise _save_error(manager, step, e) from e
+  _IN_FLIGHT[manager] = step
 
 
 def wait(manager) -> None:
   """Waits for the asynchronous save in flight; its failure raises CheckpointError."""
+  step = _IN_FLIGHT.pop(manager, None)
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'could not save a checkpoint in {manager.directory} '
-                          f'({short_reason(e)}); the previous checkpoints are intact') from e
+    raise _save_error(manager, step, e) from e
+
+
+def _save_error(manager, step: Optional[int], e: BaseException) -> CheckpointError:
+  which = 'a checkpoint' if step is None else f'checkpoint {step}'
+  return CheckpointError(f'could not save {which} in {manager.directory} ({short_reason(e)}); '
+                         'the previous checkpoints are intact')
 
 
 def short_reason(e: BaseException) -> str:

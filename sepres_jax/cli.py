@@ -13,24 +13,42 @@ USER_ERRORS = (train.RunError, checkpoints.CheckpointError, DataError, FileNotFo
 
 
 class _QuietLibraries:
-  """Drops INFO lines of the libraries (orbax logs every file it renames); keeps warnings."""
+  """Drops INFO lines of the libraries (orbax logs every file it renames); keeps warnings and
+  errors, as one line each: a failure they log is raised to us too and said once, below."""
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or '/sepres_jax/' in record.pathname or 'main.py' in record.pathname
+    if '/sepres_jax/' in record.pathname or 'main.py' in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno > 20
+
+
+def _quiet_unraisable(unraisable):
+  """Drops the 'Event loop is closed' errors of a failed asynchronous save's late writes.
+
+  When one write of an orbax save fails, orbax closes its event loop while tensorstore's other
+  writes are still finishing; each then reports (to sys.unraisablehook) that it could not call
+  back. The failure itself is raised to us and reported as one line, so these are noise.
+  """
+  e = unraisable.exc_value
+  if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+    sys.__unraisablehook__(unraisable)
 
 
 def run(mode: str, config, workdir: str, verbose: bool = False) -> int:
   """Runs one mode; returns the exit status."""
   if not verbose:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _quiet_unraisable
   try:
     return _dispatch(mode, config, workdir) or 0
   except USER_ERRORS as e:
     if verbose:
       raise
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f'error: {msg}', file=sys.stderr)
     logging.flush()
+    sys.stderr.write(f'error: {msg}\n')  # One write: the line stays whole beside other threads.
+    sys.stderr.flush()
     return 1
 
 

@@ -210,6 +210,8 @@ def test_failed_save_says_why_and_keeps_previous_checkpoints(shared, reference, 
   err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
   assert len(err) == 1 and 'could not save checkpoint' in err[0], out.stderr[-3000:]
   assert 'File too large' in err[0] and 'previous checkpoints are intact' in err[0]
+  # No traceback of the libraries' threads (which once broke the error line in two).
+  assert 'Traceback' not in out.stderr and 'Event loop is closed' not in out.stderr
   failed = re.search(r'could not save checkpoint (\d+) in', err[0])
   assert failed, err[0]
   assert int(failed.group(1)) not in _steps(workdir)  # Never finalised, so never restored.
