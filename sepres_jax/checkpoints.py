@@ -14,7 +14,6 @@ import json
 import os
 import re
 from typing import Any, Optional
-import weakref
 
 import grain
 import jax
@@ -56,9 +55,6 @@ def create_manager(workdir: str, best_metric: Optional[str] = None,
                      'data': grain.checkpoint.CheckpointHandler()})
 
 
-_IN_FLIGHT = weakref.WeakKeyDictionary()  # manager -> the step its asynchronous save is writing.
-
-
 def save(manager, step: int, state, meta: dict, data_iterator=None,
          metrics: Optional[dict] = None) -> None:
   """Starts an asynchronous save of `step`; `metrics` ranks it for the best checkpoint.
@@ -74,12 +70,11 @@ def save(manager, step: int, state, meta: dict, data_iterator=None,
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
   except Exception as e:  # pylint: disable=broad-except
     raise _save_error(manager, step, e) from e
-  _IN_FLIGHT[manager] = step
 
 
 def wait(manager) -> None:
   """Waits for the asynchronous save in flight; its failure raises CheckpointError."""
-  step = _IN_FLIGHT.pop(manager, None)
+  step = manager.latest_step()  # The step in flight, if any: orbax lists it when the save starts.
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
