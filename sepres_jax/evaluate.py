@@ -28,10 +28,24 @@ from sepres_jax import visualize
 WEIGHTS_DIR = 'weights'  # pretrained/<name>/weights: an orbax checkpoint of params + batch_stats.
 
 
-def load_weights(path: str, state) -> dict:
-  """{'params', 'batch_stats'} from a workdir's best checkpoint or a pretrained/<name> folder."""
+def load_weights(path: str, state, new_layers_ok: bool = False) -> dict:
+  """{'params', 'batch_stats'} from a workdir's best checkpoint or a pretrained/<name> folder.
+
+  With `new_layers_ok` (fine-tuning a grown model, e.g. more `model.fine_skips`), arrays of this
+  model that the checkpoint lacks keep their values in `state`; every array the checkpoint holds
+  must still be in this model with the same shape.
+  """
   path = os.path.abspath(os.path.expanduser(path))
-  target = checkpoints.abstract_like({'params': state.params, 'batch_stats': state.batch_stats})
+  weights = {'params': state.params, 'batch_stats': state.batch_stats}
+  if new_layers_ok:
+    stored, location = _stored_weights(path)
+    target, new = _prune_to(weights, stored, path)
+    if new:
+      logging.info('%s lacks %d arrays of this model; they keep their initial values: %s',
+                   path, len(new), ', '.join(new))
+    restored = _restore(location, checkpoints.abstract_like(target), path, partial=True)
+    return _merged(weights, restored)
+  target = checkpoints.abstract_like(weights)
   if os.path.isdir(os.path.join(path, WEIGHTS_DIR)):
     try:
       return ocp.StandardCheckpointer().restore(os.path.join(path, WEIGHTS_DIR), target)
@@ -39,8 +53,75 @@ def load_weights(path: str, state) -> dict:
       raise train.RunError(f'{path}: weights do not fit this model ({_first_line(e)})') from None
   if os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
     return restore_weights(path, 'best', state)[0]
-  raise train.RunError(f'{path}: neither a workdir with {checkpoints.CHECKPOINT_DIR}/ nor a '
-                       f'pretrained folder with {WEIGHTS_DIR}/')
+  raise _not_weights(path)
+
+
+def _not_weights(path):
+  return train.RunError(f'{path}: neither a workdir with {checkpoints.CHECKPOINT_DIR}/ nor a '
+                        f'pretrained folder with {WEIGHTS_DIR}/')
+
+
+def _stored_weights(path: str):
+  """(the stored {'params', 'batch_stats'} metadata tree, the pytree's directory) of `path`."""
+  try:
+    if os.path.isdir(os.path.join(path, WEIGHTS_DIR)):
+      location = os.path.join(path, WEIGHTS_DIR)
+      tree = ocp.StandardCheckpointer().metadata(location)
+      tree = getattr(tree, 'item_metadata', tree)
+      tree = getattr(tree, 'tree', tree)
+    elif os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
+      manager = checkpoints.create_manager(path, read_only=True, best_metric=_best_metric(path))
+      step = checkpoints.select_step(manager, 'best')
+      if step is None:
+        manager.close()
+        raise train.RunError(f'no checkpoint in {os.path.join(path, checkpoints.CHECKPOINT_DIR)}')
+      tree = manager.item_metadata(step)['state']
+      tree = getattr(tree, 'tree', tree)
+      location = os.path.join(os.fspath(manager.directory), str(step), 'state')
+      manager.close()
+    else:
+      raise _not_weights(path)
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    raise train.RunError(f'{path}: cannot read its weights ({_first_line(e)})') from None
+  return {k: tree[k] for k in ('params', 'batch_stats') if k in tree}, location
+
+
+def _prune_to(weights: dict, stored: dict, path: str, prefix: str = ''):
+  """(the part of `weights` that `stored` holds, ['the/keys/it/lacks']); raises on a mismatch."""
+  out, new = {}, []
+  for key in stored:
+    if key not in weights:
+      raise train.RunError(f'{path}: {prefix}{key} is not in this model')
+  for key, value in weights.items():
+    name = f'{prefix}{key}'
+    if key not in stored:
+      new.append(name)
+    elif isinstance(value, dict):
+      if not isinstance(stored[key], dict):
+        raise train.RunError(f'{path}: {name} is an array there, a layer in this model')
+      out[key], more = _prune_to(value, stored[key], path, name + '/')
+      new += more
+    else:
+      shape = tuple(getattr(stored[key], 'shape', ()) or ())
+      if shape != tuple(value.shape):
+        raise train.RunError(f'{path}: {name}: checkpoint shape {shape}, this model {value.shape}')
+      out[key] = value
+  return out, new
+
+
+def _restore(location: str, target, path: str, partial: bool):
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      return checkpointer.restore(location, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=partial))
+  except (ValueError, KeyError, TypeError) as e:
+    raise train.RunError(f'{path}: weights do not fit this model ({_first_line(e)})') from None
+
+
+def _merged(base: dict, update: dict) -> dict:
+  return {k: (_merged(v, update[k]) if isinstance(v, dict) else update[k]) if k in update else v
+          for k, v in base.items()}
 
 
 def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:

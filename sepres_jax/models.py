@@ -2,7 +2,11 @@
 
 Encoder: a 3x3 conv stem and four residual blocks, each followed by 2x2 max-pooling; pool3, pool4
 and pool5 are the outputs of the 2nd, 3rd and 4th blocks' pools. Head: FCN-8 (conv6 7x7 and conv7
-1x1 on pool5, 1x1 score convs on pool4 and pool3, transposed convs x4, x2, x8). The network returns
+1x1 on pool5, 1x1 score convs on pool4 and pool3, transposed convs x4, x2, x8). `fine_skips` adds
+finer skips beyond the original's: 1 scores pool2 (stride 4), 2 also pool1 (the stem's, stride 2),
+each a 1x1 score conv and a transposed conv to full size added to the logits. Those transposed
+convs start at zero, so the network starts as FCN-8 (and a fine-tune from FCN-8 weights starts
+from their predictions). The network returns
 logits at the input's size; softmax lives in the loss. Inputs must have a height and width divisible
 by 32: callers pad other sizes and crop back.
 """
@@ -42,11 +46,12 @@ class Upsample(nn.Module):
   factor: int
   impl: str = 'xla'
   dtype: Any = jnp.float32
+  kernel_init: Any = _kernel_init
 
   @nn.compact
   def __call__(self, x):
     s = self.factor
-    kernel = self.param('kernel', _kernel_init, (s, s, x.shape[-1], self.features))
+    kernel = self.param('kernel', self.kernel_init, (s, s, x.shape[-1], self.features))
     return ops.upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
 
 
@@ -94,6 +99,7 @@ class SepResFCN8(nn.Module):
   widths: Sequence[int] = (16, 32, 64, 96, 128)
   head_width: int = 2048
   block_depth: int = 3  # SeparableConv+BatchNorm+ELU units per residual block.
+  fine_skips: int = 0  # Skips finer than FCN-8's: 1 adds pool2 (stride 4), 2 also pool1 (stride 2).
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   impl: str = 'xla'
@@ -106,6 +112,8 @@ class SepResFCN8(nn.Module):
       raise ValueError(f'model.widths needs 5 entries (stem + 4 blocks), got {self.widths}')
     if self.block_depth < 1:
       raise ValueError(f'model.block_depth must be at least 1, got {self.block_depth}')
+    if self.fine_skips not in (0, 1, 2):
+      raise ValueError(f'model.fine_skips must be 0, 1 or 2, got {self.fine_skips}')
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'input height and width must be divisible by 32, got {x.shape[1:3]}')
     norm = lambda name: nn.BatchNorm(
@@ -115,12 +123,12 @@ class SepResFCN8(nn.Module):
 
     x = Conv(self.widths[0], 3, self.impl, dtype=self.dtype, name='stem')(x)
     x = pool(nn.relu(norm('stem_bn')(x)))
-    taps = []
+    taps = [x]
     for i, f in enumerate(self.widths[1:]):
       x = pool(ResidualBlock(f, norm, self.impl, self.dtype, self.block_depth,
                              name=f'block{i + 1}')(x))
       taps.append(x)
-    pool3, pool4, pool5 = taps[1:]
+    pool1, pool2, pool3, pool4, pool5 = taps
 
     c = self.num_classes
     y = nn.relu(Conv(self.head_width, 7, self.impl, dtype=self.dtype, name='conv6')(pool5))
@@ -130,6 +138,10 @@ class SepResFCN8(nn.Module):
     s4 = Upsample(c, 2, self.impl, self.dtype, name='up_pool4')(s4)
     s3 = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name='score_pool3')(pool3))
     y = Upsample(c, 8, self.impl, self.dtype, name='up_final')(y + s4 + s3)
+    for i, (tap, factor) in enumerate(((pool2, 4), (pool1, 2))[:self.fine_skips]):
+      name = f'pool{2 - i}'
+      s = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name=f'score_{name}')(tap))
+      y = y + Upsample(c, factor, self.impl, self.dtype, nn.initializers.zeros, name=f'up_{name}')(s)
     return y.astype(jnp.float32)
 
 
@@ -138,7 +150,7 @@ def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -
   m = config.model
   return SepResFCN8(
       num_classes=num_outputs, widths=tuple(m.widths), head_width=m.head_width,
-      block_depth=m.get('block_depth', 3),
+      block_depth=m.get('block_depth', 3), fine_skips=m.get('fine_skips', 0),
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=ops.resolve_impl(m.impl),
       dtype=jnp.dtype(config.dtype), bn_axis_name=bn_axis_name)
 

@@ -404,7 +404,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     logging.info('Resumed from step %d (epoch %d) in %s', latest, epoch, workdir)
   elif config.init_from:
     from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
-    state = state.replace(**evaluate.load_weights(config.init_from, state))
+    state = state.replace(**evaluate.load_weights(config.init_from, state, new_layers_ok=True))
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))

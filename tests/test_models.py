@@ -68,3 +68,32 @@ def test_bfloat16_activations_keep_float32_parameters():
   variables = model.init(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
   assert model.apply(variables, x).dtype == jnp.float32
+
+
+@pytest.mark.parametrize('fine_skips', [1, 2])
+def test_fine_skips_start_as_fcn8_and_then_learn(fine_skips):
+  """Finer skips add a score conv and a zero-initialised transposed conv each: at init the network
+  computes FCN-8's logits, and the new layers get gradients."""
+  kw = dict(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, impl='fast_cpu')
+  fcn8, finer = models.SepResFCN8(**kw), models.SepResFCN8(**kw, fine_skips=fine_skips)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
+  variables = finer.init(jax.random.key(0), x)
+  names = ['pool2', 'pool1'][:fine_skips]
+  added = {f'{p}_{n}' for n in names for p in ('score', 'up')}
+  assert set(variables['params']) - set(fcn8.init(jax.random.key(0), x)['params']) == added
+  assert variables['params'][f'up_{names[0]}']['kernel'].shape == (4, 4, 5, 5)
+  base = {'params': {k: v for k, v in variables['params'].items() if k not in added},
+          'batch_stats': variables['batch_stats']}
+  np.testing.assert_array_equal(finer.apply(variables, x), fcn8.apply(base, x))
+
+  def loss(params):
+    return jnp.mean(finer.apply({'params': params, 'batch_stats': variables['batch_stats']}, x) ** 2)
+  grads = jax.grad(loss)(variables['params'])
+  for n in names:
+    assert float(jnp.abs(grads[f'up_{n}']['kernel']).max()) > 0
+
+
+def test_fine_skips_out_of_range_is_rejected():
+  model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, fine_skips=3)
+  with pytest.raises(ValueError, match='fine_skips'):
+    model.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)))

@@ -51,6 +51,48 @@ def test_pack_writes_weights_config_and_scores_that_reproduce(tmp_path, monkeypa
   assert again['checkpoint'] == os.fspath(out)
 
 
+def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(tmp_path, monkeypatch):
+  """init_from into a model with finer skips (training's path): stored arrays are loaded, the new
+  layers keep their initial values; a stored array the model lacks or reshapes is a one-line error."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sepres_jax import train  # pylint: disable=g-import-not-at-top
+  config, workdir = train_tiny(tmp_path, visualize__num_tensorboard_images=0)
+  config.eval.num_panels = 0
+  monkeypatch.chdir(ROOT)
+  packed = os.fspath(tmp_path / 'pretrained' / 'tiny')
+  pretrained.pack(workdir, packed)
+
+  def state_of(**model_fields):
+    c = config.copy_and_resolve_references()
+    c.model.update(model_fields)
+    model = train.models.create_model(c, train.num_outputs(c))
+    return train.create_train_state(c, model, jax.random.key(7), train.make_mesh())
+
+  same = evaluate.load_weights(workdir, state_of())
+  for source in (workdir, packed):
+    grown = state_of(fine_skips=2)
+    loaded = evaluate.load_weights(source, grown, new_layers_ok=True)
+    for name in ('score_pool2', 'up_pool2', 'score_pool1', 'up_pool1'):
+      np.testing.assert_array_equal(loaded['params'][name]['kernel'], grown.params[name]['kernel'])
+    for name in ('stem', 'conv6', 'up_final'):
+      np.testing.assert_array_equal(loaded['params'][name]['kernel'],
+                                    same['params'][name]['kernel'])
+    np.testing.assert_array_equal(loaded['batch_stats']['stem_bn']['mean'],
+                                  same['batch_stats']['stem_bn']['mean'])
+    with pytest.raises(evaluate.train.RunError, match='not fit|is not in'):
+      evaluate.load_weights(source, grown)  # Evaluation wants every array.
+    with pytest.raises(evaluate.train.RunError,
+                       match=r'bias: checkpoint shape \(4,\), this model \(8,\)'):
+      evaluate.load_weights(source, state_of(widths=(8, 8, 8, 16, 16)), new_layers_ok=True)
+  with pytest.raises(evaluate.train.RunError, match='params/score_pool2 is not in this model'):
+    grown_dir = tmp_path / 'grown'
+    grown_config = config.copy_and_resolve_references()
+    grown_config.model.fine_skips = 1
+    grown_config.init_from = workdir
+    train.train_and_evaluate(grown_config, os.fspath(grown_dir))  # Trains from the smaller model.
+    evaluate.load_weights(os.fspath(grown_dir), state_of(), new_layers_ok=True)
+
+
 def test_every_shipped_model_is_small_and_complete():
   assert SHIPPED, 'no pretrained/<name>/ folder with weights/ in the repository'
   for folder in SHIPPED:
