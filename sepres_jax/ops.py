@@ -141,14 +141,28 @@ def conv(x, kernel, impl):
 
 
 def _conv_im2col(x, kernel):
-  """im2col: gather the KxK patches once, then one matrix product."""
-  kh, kw = kernel.shape[:2]
-  b, h, w, c = x.shape
+  """A KxK conv as matrix products over its patches, one product per kernel row.
+
+  Kernel row i reaches input row r + i - ph from output row r; only the output rows for which
+  that input row exists take part, so the zero padding above and below is never multiplied. Each
+  product takes the W-direction patches (kw taps) of those rows. On conv6 (7x7 kernel, 7x7 input
+  at 224x224) that skips a quarter of the im2col product's multiply-adds and writes a 7x smaller
+  patch array: 1.3x (forward) and 1.25x (backward) the single im2col product's speed here;
+  1.1-1.2x on 12x15 inputs.
+  """
+  kh, kw, c, d = kernel.shape
+  b, h, w, _ = x.shape
   ph, pw = (kh - 1) // 2, (kw - 1) // 2
-  xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
-  patches = jnp.stack(
-      [xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=3)
-  return jnp.einsum('bhwpc,pcd->bhwd', patches, kernel.reshape(kh * kw, c, -1))
+  xp = jnp.pad(x, ((0, 0), (0, 0), (pw, kw - 1 - pw), (0, 0)))
+  rows = jnp.stack([xp[:, :, j:j + w, :] for j in range(kw)], axis=3).reshape(b, h, w, kw * c)
+  out = jnp.zeros((b, h, w, d), jnp.result_type(x, kernel))
+  for i in range(kh):
+    lo, hi = max(0, ph - i), min(h, h + ph - i)  # Output rows whose input row r + i - ph exists.
+    if lo < hi:
+      product = jnp.einsum('bhwk,kd->bhwd', rows[:, lo + i - ph:hi + i - ph],
+                           kernel[i].reshape(kw * c, d))
+      out = out.at[:, lo:hi].add(product)
+  return out
 
 
 # A conv with at most this many input taps (K*K*Cin; the stem's 3x3x3 = 27) runs as broadcast
@@ -181,7 +195,7 @@ def _conv_direct_fwd(x, kernel):
 
 
 def _conv_direct_bwd(res, g):
-  # The gradients of the im2col form (one matrix product each); differentiating the multiply-adds
+  # The gradients of the im2col form (matrix products); differentiating the multiply-adds
   # instead makes 27 passes over the output gradient (the whole train step 0.85x).
   x, kernel = res
   return jax.vjp(_conv_im2col, x, kernel)[1](g)

@@ -61,9 +61,10 @@ def test_depthwise_native_shapes(shape):
   np.testing.assert_array_equal(forward('native_cpu'), forward('fast_cpu'))
 
 
-@pytest.mark.parametrize('k', [3, 7])
-def test_conv_im2col(k):
-  _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, 9, 7, 4), _rand(k, k, 4, 6))
+@pytest.mark.parametrize('k, h, w', [(3, 9, 7), (7, 9, 7), (7, 7, 7), (7, 2, 3), (5, 1, 6)])
+def test_conv_im2col(k, h, w):
+  """The product per kernel row, also where the kernel overhangs the input on both sides."""
+  _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, h, w, 4), _rand(k, k, 4, 6))
 
 
 @pytest.mark.parametrize('k, cin', [(3, 3), (5, 1)])
