@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,6 +71,35 @@ def test_label_smoothing():
   loss_sum, _ = metrics.cross_entropy(logits, jnp.array([[[0]]]), label_smoothing=0.3)
   expected = 0.7 * -math.log(0.5) + 0.3 * -(math.log(0.5) + 2 * math.log(0.25)) / 3
   assert float(loss_sum) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize('smoothing, weighted', [(0.0, False), (0.0, True), (0.2, True)])
+def test_cross_entropy_gradient_equals_autodiff_of_the_formula(smoothing, weighted):
+  """The written-out gradient of pixel_nll against jax.grad of log_softmax and a gather."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 3, 4)) * 3, jnp.float32)
+  labels = jnp.asarray(rng.integers(-1, 5, (2, 5, 3)))  # -1 padding and 4 (void) do not count.
+  weights = [0.5, 2.0, 1.0, 3.0] if weighted else None
+
+  def plain(logits):
+    mask = metrics.valid_mask(labels, 4)
+    safe = jnp.where(mask, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    nll = (1 - smoothing) * nll - smoothing * logp.mean(axis=-1)
+    w = mask * (jnp.asarray(weights)[safe] if weighted else 1.0)
+    return jnp.sum(nll * w)
+
+  value, grad = jax.value_and_grad(
+      lambda x: metrics.cross_entropy(x, labels, weights, smoothing)[0])(logits)
+  want_value, want_grad = jax.value_and_grad(plain)(logits)
+  assert float(value) == pytest.approx(float(want_value), rel=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+  assert not np.any(grad[np.asarray(labels) < 0])  # Uncounted pixels get no gradient.
+  half = jax.grad(lambda x: metrics.cross_entropy(x, labels, weights, smoothing)[0])(
+      logits.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), want_grad, rtol=0.05, atol=0.05)
 
 
 def test_format_table_lists_every_class():
