@@ -50,6 +50,7 @@ def _soft_target(labels, num_classes, label_smoothing):
   return (1.0 - label_smoothing) * q + label_smoothing / num_classes if label_smoothing else q
 
 
+@jax.named_scope('cross_entropy')  # The profile's 'loss' row (--config.benchmark.profile).
 def _pixel_nll_fwd(logits, labels, label_smoothing):
   z = logits.astype(jnp.float32)
   top = jnp.max(z, axis=-1, keepdims=True)
@@ -58,6 +59,7 @@ def _pixel_nll_fwd(logits, labels, label_smoothing):
   return nll, (logits, labels, lse)
 
 
+@jax.named_scope('cross_entropy')  # Named transpose(jvp(cross_entropy)): the backward part.
 def _pixel_nll_bwd(label_smoothing, residuals, g):
   logits, labels, lse = residuals
   z = logits.astype(jnp.float32)
