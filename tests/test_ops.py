@@ -67,6 +67,18 @@ def test_conv_im2col(k, h, w):
   _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, h, w, 4), _rand(k, k, 4, 6))
 
 
+def test_conv_with_a_symbolic_height_equals_the_concrete_one():
+  """jax.export traces with symbolic sizes; the product per kernel row then pads its rows."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  x, w = _rand(2, 5, 3, 4), _rand(7, 7, 4, 6)
+  h, = export.symbolic_shape('h')
+  exported = export.export(jax.jit(lambda x, w: ops.conv(x, w, 'fast_cpu')))(
+      jax.ShapeDtypeStruct((2, h, 3, 4), jnp.float32), jax.ShapeDtypeStruct(w.shape, jnp.float32))
+  for rows in (5, 1):
+    np.testing.assert_allclose(exported.call(x[:, :rows], w), ops.conv(x[:, :rows], w, 'xla'),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('k, cin', [(3, 3), (5, 1)])
 def test_conv_direct(k, cin, monkeypatch):
   """Convs of at most _DIRECT_MAX_TAPS taps (the stem's) take the multiply-add form."""
