@@ -43,7 +43,8 @@ def load_weights(path: str, state, new_layers_ok: bool = False) -> dict:
     if new:
       logging.info('%s lacks %d arrays of this model; they keep their initial values: %s',
                    path, len(new), ', '.join(new))
-    restored = _restore(location, checkpoints.abstract_like(target), path, partial=True)
+    restored = _restore(location, checkpoints.abstract_like(target),
+                        f'{path}: weights do not fit this model')
     return _merged(weights, restored)
   target = checkpoints.abstract_like(weights)
   if os.path.isdir(os.path.join(path, WEIGHTS_DIR)):
@@ -109,14 +110,15 @@ def _prune_to(weights: dict, stored: dict, path: str, prefix: str = ''):
   return out, new
 
 
-def _restore(location: str, target, path: str, partial: bool):
+def _restore(location: str, target, failure: str):
+  """The arrays of `target` (a part of the stored tree) from the pytree checkpoint at `location`."""
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       return checkpointer.restore(location, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=restore_args, partial_restore=partial))
+          item=target, restore_args=restore_args, partial_restore=True))
   except (ValueError, KeyError, TypeError) as e:
-    raise train.RunError(f'{path}: weights do not fit this model ({_first_line(e)})') from None
+    raise train.RunError(f'{failure} ({_first_line(e)})') from None
 
 
 def _merged(base: dict, update: dict) -> dict:
@@ -142,16 +144,8 @@ def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
   if mismatch:
     raise train.RunError(f'checkpoint {step} in {workdir} holds another model ({mismatch}); pass '
                          'the config it was trained with')
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      weights = checkpointer.restore(
-          os.path.join(directory, str(step), 'state'),
-          args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                      partial_restore=True))
-  except (ValueError, KeyError, TypeError) as e:
-    raise train.RunError(f'checkpoint {step} in {workdir} does not fit this model '
-                         f'({_first_line(e)})') from None
+  weights = _restore(os.path.join(directory, str(step), 'state'), target,
+                     f'checkpoint {step} in {workdir} does not fit this model')
   return weights, step
 
 
