@@ -80,6 +80,7 @@ def get_config():
   config.rmsprop_eps = 1e-7
   config.weight_decay = 0.0  # Decoupled (AdamW-style) decay of conv kernels, times the rate.
   config.label_smoothing = 0.0  # Cross-entropy label smoothing.
+  config.lovasz_weight = 0.0  # Adds this times the per-image Lovasz-softmax loss (IoU surrogate).
   config.schedule = 'constant'  # Per-step multiplier: 'constant', 'cosine' or 'polynomial'.
   config.warmup_steps = 0  # Linear warm-up steps (any schedule).
   config.end_factor = 0.0  # Final multiplier of 'cosine' and 'polynomial'.

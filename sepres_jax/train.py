@@ -149,8 +149,12 @@ def create_train_state(config, model, rng, mesh, total_steps: Optional[int] = No
 # ---------------------------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float = 0.0,
-               axis_name: Optional[str] = None):
-  """One RMSprop step on the mean loss over all counted pixels of the global batch."""
+               lovasz_weight: float = 0.0, axis_name: Optional[str] = None):
+  """One RMSprop step on the mean loss over all counted pixels of the global batch.
+
+  With `lovasz_weight`, the mean per-image Lovasz-softmax loss times it is added to the
+  cross-entropy; the step's 'loss_sum' stays the cross-entropy's (train_loss in the history).
+  """
   def total(x):
     return lax.psum(x, axis_name) if axis_name else x
 
@@ -160,7 +164,11 @@ def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float
         mutable=['batch_stats'])
     loss_sum, weight = metrics.cross_entropy(logits, batch['label'], weights, label_smoothing)
     # Dividing by the global weight makes the summed per-device gradients the global gradient.
-    return loss_sum / jnp.maximum(total(weight), 1.0), (logits, updates, loss_sum, weight)
+    loss = loss_sum / jnp.maximum(total(weight), 1.0)
+    if lovasz_weight:
+      lovasz_sum, images = metrics.lovasz_softmax(logits, batch['label'])
+      loss += lovasz_weight * lovasz_sum / jnp.maximum(total(images), 1.0)
+    return loss, (logits, updates, loss_sum, weight)
 
   grads, (logits, updates, loss_sum, weight) = jax.grad(loss_fn, has_aux=True)(state.params)
   if axis_name:
@@ -210,14 +218,17 @@ class Stepper:
     self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
     w = None if weights is None else jnp.asarray(weights)
     ls = float(config.label_smoothing)
+    lw = float(config.lovasz_weight)
     if self.mode == 'jit':
-      self.train = jax.jit(functools.partial(train_step, weights=w, label_smoothing=ls),
+      self.train = jax.jit(functools.partial(train_step, weights=w, label_smoothing=ls,
+                                             lovasz_weight=lw),
                            donate_argnums=0, out_shardings=(self.replicated, self.replicated))
       self.eval = jax.jit(functools.partial(eval_step, weights=w),
                           out_shardings=self.replicated)
     elif self.mode == 'pmap':
       self.train = jax.pmap(
-          functools.partial(train_step, weights=w, label_smoothing=ls, axis_name=PMAP_AXIS),
+          functools.partial(train_step, weights=w, label_smoothing=ls, lovasz_weight=lw,
+                            axis_name=PMAP_AXIS),
           axis_name=PMAP_AXIS, donate_argnums=0, devices=mesh.devices.flat)
       self.eval = jax.pmap(functools.partial(eval_step, weights=w, axis_name=PMAP_AXIS),
                            axis_name=PMAP_AXIS, devices=mesh.devices.flat)

@@ -102,6 +102,66 @@ def test_cross_entropy_gradient_equals_autodiff_of_the_formula(smoothing, weight
   np.testing.assert_allclose(half.astype(jnp.float32), want_grad, rtol=0.05, atol=0.05)
 
 
+def _sorted_lovasz(logits, labels):
+  """Berman et al.'s per-image Lovasz-softmax written plainly: a sort per image and class."""
+  n, k = logits.shape[0], logits.shape[-1]
+  probs = np.asarray(jax.nn.softmax(logits, -1)).reshape(n, -1, k)
+  labels = np.asarray(labels).reshape(n, -1)
+  total, images = 0.0, 0
+  for i in range(n):
+    counted = (labels[i] >= 0) & (labels[i] < k)
+    losses = []
+    for c in range(k):
+      fg = (labels[i][counted] == c).astype(np.float64)
+      if not fg.any():
+        continue
+      errors = np.abs(fg - probs[i][counted][:, c])
+      order = np.argsort(-errors, kind='stable')
+      fg_sorted = fg[order]
+      jaccard = 1 - (fg.sum() - np.cumsum(fg_sorted)) / (fg.sum() + np.cumsum(1 - fg_sorted))
+      losses.append(np.dot(errors[order], np.diff(jaccard, prepend=0.0)))
+    if losses:
+      total, images = total + np.mean(losses), images + 1
+  return total, images
+
+
+@pytest.mark.parametrize('bins', [1 << 22, metrics.LOVASZ_BINS])
+def test_lovasz_softmax_equals_the_sorted_definition(bins):
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 9, 7, 5)) * 3, jnp.float32)
+  labels = rng.integers(-1, 6, (3, 9, 7))  # -1 padding and 5 (void) do not count.
+  labels[2] = 5  # An image without a counted pixel is left out of the count.
+  value, images = metrics.lovasz_softmax(logits, jnp.asarray(labels), bins=bins)
+  want, want_images = _sorted_lovasz(logits, labels)
+  assert float(images) == want_images == 2
+  # Histogram bins of width 1/bins: within 1/bins per class of the sorted order's value.
+  assert float(value) == pytest.approx(want, abs=max(2e-6, 2 / bins))
+  # Its gradient is the sorted definition's (finite differences, distinct errors).
+  grad = jax.grad(lambda x: metrics.lovasz_softmax(x, jnp.asarray(labels), bins=1 << 22)[0])(
+      logits)
+  assert not np.any(np.asarray(grad)[labels == 5]) and not np.any(np.asarray(grad)[labels < 0])
+  for index in [(0, 1, 2, 3), (1, 8, 6, 0), (0, 4, 0, 4)]:
+    step = np.zeros(logits.shape, np.float32)
+    step[index] = 1e-3
+    numeric = (_sorted_lovasz(logits + step, labels)[0]
+               - _sorted_lovasz(logits - step, labels)[0]) / 2e-3
+    assert float(grad[index]) == pytest.approx(numeric, rel=1e-2, abs=1e-5)
+
+
+def test_lovasz_softmax_of_certain_predictions_is_one_minus_the_iou():
+  """With 0/1 probabilities, each present class's term is its Jaccard loss, 1 - IoU."""
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 5, (2, 20, 20))  # 4 classes and void (4).
+  preds = np.where(rng.random((2, 20, 20)) < 0.7, labels % 4, rng.integers(0, 4, (2, 20, 20)))
+  logits = jnp.asarray(np.eye(4)[preds] * 1e3, jnp.float32)
+  want = 0.0
+  for i in range(2):
+    cm = np.asarray(metrics.confusion_matrix(jnp.asarray(preds[i]), jnp.asarray(labels[i]), 4))
+    ious = [s['iou'] for s in metrics.scores_from_confusion(cm)['per_class']]
+    want += np.mean([1 - iou for c, iou in enumerate(ious) if (labels[i] == c).any()])
+  assert float(metrics.lovasz_softmax(logits, jnp.asarray(labels))[0]) == pytest.approx(want, 1e-5)
+
+
 def test_format_table_lists_every_class():
   s = metrics.scores_from_confusion(np.array([[3, 1], [0, 4]]), ['road', 'sky'])
   table = metrics.format_table(s)

@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     config = test_config.get_config()
     config.learning_rate = 1e-2
+    config.lovasz_weight = 0.5  # Its per-image sum over the global image count, too.
     batches = [_batch(config, 8, seed=s) for s in range(5)]
     results = {}
     for name, mode, devices in [('jit4', 'jit', jax.devices()), ('pmap4', 'pmap', jax.devices()),

@@ -29,8 +29,10 @@ def _setup(config, **kwargs):
   return state, train.Stepper(config, mesh, None)
 
 
-def test_train_step_lowers_loss_on_a_repeated_batch(tiny_config):
+@pytest.mark.parametrize('lovasz_weight', [0.0, 1.0])
+def test_train_step_lowers_loss_on_a_repeated_batch(tiny_config, lovasz_weight):
   tiny_config.learning_rate = 1e-2
+  tiny_config.lovasz_weight = lovasz_weight
   state, stepper = _setup(tiny_config)
   batch = stepper.batch(_batch(tiny_config, 4))
   losses = []
@@ -44,6 +46,22 @@ def test_train_step_lowers_loss_on_a_repeated_batch(tiny_config):
   # Void (label 11) is not counted when ignored.
   labels = np.asarray(batch['label'])
   assert float(out['pixels']) == np.sum(labels < tiny_config.data.num_classes)
+
+
+def test_lovasz_weight_adds_to_the_gradient_not_to_the_logged_loss(tiny_config):
+  state, _ = _setup(tiny_config)
+  raw = _batch(tiny_config, 4)
+  results = {}
+  for weight in (0.0, 1.0):
+    tiny_config.lovasz_weight = weight
+    stepper = train.Stepper(tiny_config, train.make_mesh(), None)
+    new, out = stepper.train(jax.tree.map(jnp.copy, state), stepper.batch(raw))  # Donated.
+    results[weight] = (stepper.fetch(out), new.params)
+  (plain, plain_params), (both, both_params) = results[0.0], results[1.0]
+  assert float(plain['loss_sum']) == pytest.approx(float(both['loss_sum']), rel=1e-6)
+  assert float(both['grad_norm']) != pytest.approx(float(plain['grad_norm']), rel=1e-3)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), plain_params, both_params)
+  assert max(jax.tree.leaves(moved)) > 0
 
 
 def test_eval_step_confusion_covers_counted_pixels(tiny_config):
