@@ -137,10 +137,10 @@ def conv(x, kernel, impl):
     if impl == 'native_cpu' and x.dtype == kernel.dtype == jnp.float32:
       return _conv_direct_native(x, kernel)
     return _conv_direct(x, kernel)
-  return _conv_im2col(x, kernel)
+  return _conv_by_rows(x, kernel)
 
 
-def _conv_im2col(x, kernel):
+def _conv_by_rows(x, kernel):
   """A KxK conv as matrix products over its patches, one product per kernel row.
 
   Kernel row i reaches input row r + i - ph from output row r; only the output rows for which
@@ -202,10 +202,10 @@ def _conv_direct_fwd(x, kernel):
 
 
 def _conv_direct_bwd(res, g):
-  # The gradients of the im2col form (matrix products); differentiating the multiply-adds
+  # The gradients of the matrix-product form (_conv_by_rows); differentiating the multiply-adds
   # instead makes 27 passes over the output gradient (the whole train step 0.85x).
   x, kernel = res
-  return jax.vjp(_conv_im2col, x, kernel)[1](g)
+  return jax.vjp(_conv_by_rows, x, kernel)[1](g)
 
 
 _conv_direct.defvjp(_conv_direct_fwd, _conv_direct_bwd)
@@ -217,11 +217,11 @@ def _conv_direct_native(x, kernel):
 
 
 def _conv_direct_native_bwd(res, g):
-  # The kernel gradient compiled: one pass over g, where the im2col form first writes the
-  # patches (9x the stem's input) to memory. The input gradient (unused for the stem, whose input
-  # is the image, and then removed by XLA) stays the im2col form's.
+  # The kernel gradient compiled: one pass over g, where the matrix-product form first writes
+  # its row patches (3x the stem's input) to memory. The input gradient (unused for the stem,
+  # whose input is the image, and then removed by XLA) stays the matrix-product form's.
   x, kernel = res
-  dx = jax.vjp(lambda x: _conv_im2col(x, kernel), x)[1](g)[0]
+  dx = jax.vjp(lambda x: _conv_by_rows(x, kernel), x)[1](g)[0]
   return dx, native.dense_kernel_grad(x, g, kernel.shape)
 
 

@@ -62,7 +62,7 @@ def test_depthwise_native_shapes(shape):
 
 
 @pytest.mark.parametrize('k, h, w', [(3, 9, 7), (7, 9, 7), (7, 7, 7), (7, 2, 3), (5, 1, 6)])
-def test_conv_im2col(k, h, w):
+def test_conv_by_rows(k, h, w):
   """The product per kernel row, also where the kernel overhangs the input on both sides."""
   _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, h, w, 4), _rand(k, k, 4, 6))
 
