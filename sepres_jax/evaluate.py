@@ -31,30 +31,25 @@ WEIGHTS_DIR = 'weights'  # pretrained/<name>/weights: an orbax checkpoint of par
 def load_weights(path: str, state, new_layers_ok: bool = False) -> dict:
   """{'params', 'batch_stats'} from a workdir's best checkpoint or a pretrained/<name> folder.
 
-  With `new_layers_ok` (fine-tuning a grown model, e.g. more `model.fine_skips`), arrays of this
-  model that the checkpoint lacks keep their values in `state`; every array the checkpoint holds
-  must still be in this model with the same shape.
+  Every array the checkpoint holds must be in this model with the same shape, and (evaluation,
+  prediction) every array of this model in the checkpoint. With `new_layers_ok` (fine-tuning a
+  grown model, e.g. more `model.fine_skips`), arrays the checkpoint lacks keep their values in
+  `state`. Only the weights are read, so any optimiser's checkpoint loads.
   """
   path = os.path.abspath(os.path.expanduser(path))
   weights = {'params': state.params, 'batch_stats': state.batch_stats}
-  if new_layers_ok:
-    stored, location = _stored_weights(path)
-    target, new = _prune_to(weights, stored, path)
-    if new:
-      logging.info('%s lacks %d arrays of this model; they keep their initial values: %s',
-                   path, len(new), ', '.join(new))
-    restored = _restore(location, checkpoints.abstract_like(target),
-                        f'{path}: weights do not fit this model')
-    return _merged(weights, restored)
-  target = checkpoints.abstract_like(weights)
-  if os.path.isdir(os.path.join(path, WEIGHTS_DIR)):
-    try:
-      return ocp.StandardCheckpointer().restore(os.path.join(path, WEIGHTS_DIR), target)
-    except (ValueError, KeyError) as e:
-      raise train.RunError(f'{path}: weights do not fit this model ({_first_line(e)})') from None
-  if os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
-    return restore_weights(path, 'best', state)[0]
-  raise _not_weights(path)
+  stored, location = _stored_weights(path)
+  target, new = _prune_to(weights, stored, path)
+  if new and not new_layers_ok:
+    more = f' and {len(new) - 3} more' if len(new) > 3 else ''
+    raise train.RunError(f'{path}: weights do not fit this model, which also has '
+                         f'{", ".join(new[:3])}{more}; pass the config they were trained with')
+  if new:
+    logging.info('%s lacks %d arrays of this model; they keep their initial values: %s',
+                 path, len(new), ', '.join(new))
+  restored = _restore(location, checkpoints.abstract_like(target),
+                      f'{path}: weights do not fit this model')
+  return _merged(weights, restored)
 
 
 def _not_weights(path):
