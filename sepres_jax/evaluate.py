@@ -37,18 +37,36 @@ def load_weights(path: str, state, new_layers_ok: bool = False) -> dict:
   `state`. Only the weights are read, so any optimiser's checkpoint loads.
   """
   path = os.path.abspath(os.path.expanduser(path))
+  stored, location, _ = _stored_weights(path)
+  return _fitted(path, state, stored, location, new_layers_ok)
+
+
+def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
+  """({'params', 'batch_stats'}, step) of the workdir's 'best' or 'latest' checkpoint.
+
+  The same checks as load_weights without `new_layers_ok`: only the weights are read (so a
+  checkpoint written with another optimiser still evaluates and predicts), and they must be
+  exactly this model's arrays.
+  """
+  if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
+    raise train.RunError(f'no checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)}')
+  stored, location, step = _stored_weights(workdir, which)
+  return _fitted(f'checkpoint {step} in {workdir}', state, stored, location, False), step
+
+
+def _fitted(name: str, state, stored: dict, location: str, new_layers_ok: bool) -> dict:
+  """`state`'s weights with those `stored` holds read from `location`; errors begin with `name`."""
   weights = {'params': state.params, 'batch_stats': state.batch_stats}
-  stored, location = _stored_weights(path)
-  target, new = _prune_to(weights, stored, path)
+  target, new = _prune_to(weights, stored, name)
   if new and not new_layers_ok:
     more = f' and {len(new) - 3} more' if len(new) > 3 else ''
-    raise train.RunError(f'{path}: weights do not fit this model, which also has '
+    raise train.RunError(f'{name}: weights do not fit this model, which also has '
                          f'{", ".join(new[:3])}{more}; pass the config they were trained with')
   if new:
     logging.info('%s lacks %d arrays of this model; they keep their initial values: %s',
-                 path, len(new), ', '.join(new))
+                 name, len(new), ', '.join(new))
   restored = _restore(location, checkpoints.abstract_like(target),
-                      f'{path}: weights do not fit this model')
+                      f'{name}: weights do not fit this model')
   return _merged(weights, restored)
 
 
@@ -57,17 +75,18 @@ def _not_weights(path):
                         f'pretrained folder with {WEIGHTS_DIR}/')
 
 
-def _stored_weights(path: str):
-  """(the stored {'params', 'batch_stats'} metadata tree, the pytree's directory) of `path`."""
+def _stored_weights(path: str, which: str = 'best'):
+  """(the stored {'params', 'batch_stats'} metadata tree, the pytree's directory, the checkpoint's
+  step or None for a pretrained folder) of `path`."""
   try:
     if os.path.isdir(os.path.join(path, WEIGHTS_DIR)):
-      location = os.path.join(path, WEIGHTS_DIR)
+      location, step = os.path.join(path, WEIGHTS_DIR), None
       tree = ocp.StandardCheckpointer().metadata(location)
       tree = getattr(tree, 'item_metadata', tree)
       tree = getattr(tree, 'tree', tree)
     elif os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
       manager = checkpoints.create_manager(path, read_only=True, best_metric=_best_metric(path))
-      step = checkpoints.select_step(manager, 'best')
+      step = checkpoints.select_step(manager, which)
       if step is None:
         manager.close()
         raise train.RunError(f'no checkpoint in {os.path.join(path, checkpoints.CHECKPOINT_DIR)}')
@@ -79,7 +98,7 @@ def _stored_weights(path: str):
       raise _not_weights(path)
   except (ValueError, KeyError, TypeError, OSError) as e:
     raise train.RunError(f'{path}: cannot read its weights ({_first_line(e)})') from None
-  return {k: tree[k] for k in ('params', 'batch_stats') if k in tree}, location
+  return {k: tree[k] for k in ('params', 'batch_stats') if k in tree}, location, step
 
 
 def _prune_to(weights: dict, stored: dict, path: str, prefix: str = ''):
@@ -119,29 +138,6 @@ def _restore(location: str, target, failure: str):
 def _merged(base: dict, update: dict) -> dict:
   return {k: (_merged(v, update[k]) if isinstance(v, dict) else update[k]) if k in update else v
           for k, v in base.items()}
-
-
-def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
-  """({'params', 'batch_stats'}, step) of the workdir's 'best' or 'latest' checkpoint.
-
-  Only the weights are read (a partial restore of the checkpoint's state), so a checkpoint written
-  with another optimiser (schedule, weight decay) still evaluates and predicts.
-  """
-  manager = checkpoints.create_manager(workdir, read_only=True, best_metric=_best_metric(workdir))
-  step = checkpoints.select_step(manager, which)
-  if step is None:
-    manager.close()
-    raise train.RunError(f'no checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)}')
-  target = checkpoints.abstract_like({'params': state.params, 'batch_stats': state.batch_stats})
-  mismatch = checkpoints.first_mismatch(manager, step, target)
-  directory = os.fspath(manager.directory)
-  manager.close()
-  if mismatch:
-    raise train.RunError(f'checkpoint {step} in {workdir} holds another model ({mismatch}); pass '
-                         'the config it was trained with')
-  weights = _restore(os.path.join(directory, str(step), 'state'), target,
-                     f'checkpoint {step} in {workdir} does not fit this model')
-  return weights, step
 
 
 def _best_metric(workdir: str):

@@ -84,13 +84,24 @@ def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(tmp_path, mon
     with pytest.raises(evaluate.train.RunError,
                        match=r'bias: checkpoint shape \(4,\), this model \(8,\)'):
       evaluate.load_weights(source, state_of(widths=(8, 8, 8, 16, 16)), new_layers_ok=True)
+  grown_dir = tmp_path / 'grown'
+  grown_config = config.copy_and_resolve_references()
+  grown_config.model.fine_skips = 1
+  grown_config.init_from = workdir
+  train.train_and_evaluate(grown_config, os.fspath(grown_dir))  # Trains from the smaller model.
   with pytest.raises(evaluate.train.RunError, match='params/score_pool2 is not in this model'):
-    grown_dir = tmp_path / 'grown'
-    grown_config = config.copy_and_resolve_references()
-    grown_config.model.fine_skips = 1
-    grown_config.init_from = workdir
-    train.train_and_evaluate(grown_config, os.fspath(grown_dir))  # Trains from the smaller model.
     evaluate.load_weights(os.fspath(grown_dir), state_of(), new_layers_ok=True)
+  # Evaluating a workdir's own checkpoints checks the same way, naming the checkpoint.
+  weights, _ = evaluate.restore_weights(os.fspath(grown_dir), 'best', state_of(fine_skips=1))
+  np.testing.assert_array_equal(weights['params']['score_pool2']['kernel'],
+                                evaluate.load_weights(os.fspath(grown_dir), state_of(
+                                    fine_skips=1))['params']['score_pool2']['kernel'])
+  with pytest.raises(evaluate.train.RunError,
+                     match=r'checkpoint \d+ in .*grown: params/score_pool2 is not in this model'):
+    evaluate.restore_weights(os.fspath(grown_dir), 'latest', state_of())
+  with pytest.raises(evaluate.train.RunError, match=r'checkpoint \d+ in .*: weights do not fit '
+                     'this model, which also has params/score_pool1, params/up_pool1; pass the'):
+    evaluate.restore_weights(os.fspath(grown_dir), 'best', state_of(fine_skips=2))
 
 
 def test_every_shipped_model_is_small_and_complete():
