@@ -18,6 +18,7 @@ import math
 import os
 from pathlib import Path
 import shutil
+import threading
 
 import cv2
 import grain
@@ -58,6 +59,47 @@ class SubsetSource:
 
   def __repr__(self):
     return f'SubsetSource({len(self)} of {len(self.parent)})'
+
+
+class DecodedCache:
+  """Random-access view of `parent` that keeps decoded examples in memory, up to `max_bytes`.
+
+  Reading an example from the built records decodes its PNG image and label (about 6 ms for a
+  360x480 CamVid pair here, 2 CPU seconds per epoch of the seed config's 312 images, which the
+  reader threads take from the training step's two cores). Kept decoded, the second and later
+  epochs read memory. Examples past the budget are decoded on every read, as without the cache.
+  Cached arrays are read-only, so a caller that wrote into one would fail rather than change
+  what later epochs read. Each process (and each grain worker process) holds its own.
+  """
+
+  def __init__(self, parent, max_bytes: int):
+    self.parent = parent
+    self.max_bytes = int(max_bytes)
+    self.bytes = 0
+    self._examples = {}
+    self._lock = threading.Lock()
+
+  def __len__(self):
+    return len(self.parent)
+
+  def __getitem__(self, i):
+    i = int(i)
+    example = self._examples.get(i)
+    if example is not None:
+      return dict(example)
+    example = dict(self.parent[i])
+    size = sum(np.asarray(v).nbytes for v in example.values())
+    with self._lock:
+      if i not in self._examples and self.bytes + size <= self.max_bytes:
+        for v in example.values():
+          if isinstance(v, np.ndarray):
+            v.flags.writeable = False
+        self._examples[i] = example
+        self.bytes += size
+    return dict(example)
+
+  def __repr__(self):
+    return f'DecodedCache({len(self._examples)} of {len(self)} examples, {self.bytes >> 20} MB)'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +214,11 @@ def load_sources(data_config):
                'test': builder.as_data_source(split='test')}
   else:
     raise DataError(f"data.split={data_config.split!r}: expected 'official' or 'random85'")
+
+  budget = int(data_config.get('cache_decoded_mb', 0)) << 20
+  if budget > 0:
+    # Each split its own budget (CamVid decoded: train 254 MB, val 70 MB, test 161 MB).
+    sources = {s: DecodedCache(src, budget) for s, src in sources.items()}
 
   meta = builder.info.metadata
   num_classes = len(meta['class_names']) - 1

@@ -216,6 +216,58 @@ def test_train_batches_from_built_dataset(tmp_path, scenes):
   assert -1 <= batch['image'].min() and batch['image'].max() <= 1
 
 
+class CountingSource(IndexSource):
+  """IndexSource that counts its reads."""
+
+  def __init__(self, n, **kwargs):
+    super().__init__(n, **kwargs)
+    self.reads = 0
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return super().__getitem__(i)
+
+
+def test_decoded_cache_reads_each_example_once_within_its_budget():
+  parent = CountingSource(6)
+  example_bytes = 8 * 8 * 3 + 8 * 8 + len(b'0.png')
+  cache = input_pipeline.DecodedCache(parent, max_bytes=4 * example_bytes)
+  for _ in range(3):  # Three epochs: the first four examples are decoded once, the rest each time.
+    for i in range(6):
+      example = cache[i]
+      assert example['image'][0, 0, 0] == i and example['file_name'] == f'{i}.png'.encode()
+  assert parent.reads == 4 + 2 * 3 and cache.bytes == 4 * example_bytes and len(cache) == 6
+  kept = cache[0]
+  with pytest.raises(ValueError, match='read-only'):
+    kept['image'][0, 0, 0] = 99  # A caller cannot change what later reads get.
+  kept['image'] = None  # Replacing a key changes the caller's copy of the dict only.
+  assert cache[0]['image'][0, 0, 0] == 0 and parent.reads == 10
+
+
+def test_decoded_cache_gives_the_same_batches(tmp_path, scenes):
+  kwargs = dict(name='camvid', manual_dir=os.fspath(scenes), image_size=(32, 48), random_flip=True)
+  on = data_config(tmp_path / 'cache', **kwargs)
+  on.augment.update(crop=True, scale=(0.8, 1.5), jitter=0.2)
+  off = data_config(tmp_path / 'cache', cache_decoded_mb=0, **kwargs)
+  off.augment = on.augment
+  cached, _ = input_pipeline.load_sources(on)
+  plain, _ = input_pipeline.load_sources(off)
+  assert isinstance(cached['train'], input_pipeline.DecodedCache)
+  assert not isinstance(plain['train'], input_pipeline.DecodedCache)
+  streams = [input_pipeline.train_iterator(src['train'], cfg, global_batch_size=4, seed=0)
+             for src, cfg in ((cached, on), (plain, off))]
+  for _ in range(9):  # Three epochs of 12 examples: the later ones read the cache.
+    a, b = (next(s) for s in streams)
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert cached['train'].bytes == 12 * (24 * 32 * 4 + len(cached['train'][0]['file_name']))
+  a, b = (next(input_pipeline.eval_batches(src['val'], cfg, global_batch_size=4, resize=False))
+          for src, cfg in ((cached, on), (plain, off)))
+  assert a['image'].shape == (4, 32, 32, 3)  # Native 24x32, padded to a multiple of 32.
+  np.testing.assert_array_equal(a['image'], b['image'])
+  np.testing.assert_array_equal(a['label'], b['label'])
+
+
 def test_preprocess_image():
   config = data_config('/unused')
   rgb = np.random.default_rng(0).integers(0, 256, (10, 14, 3), dtype=np.uint8)
