@@ -98,6 +98,12 @@ class DecodedCache:
         self.bytes += size
     return dict(example)
 
+  def __getstate__(self):  # A grain worker process gets the parent and an empty cache of its own.
+    return {'parent': self.parent, 'max_bytes': self.max_bytes}
+
+  def __setstate__(self, state):
+    self.__init__(state['parent'], state['max_bytes'])
+
   def __repr__(self):
     return f'DecodedCache({len(self._examples)} of {len(self)} examples, {self.bytes >> 20} MB)'
 

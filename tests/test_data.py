@@ -3,8 +3,10 @@
 import hashlib
 import os
 from pathlib import Path
+import pickle
 import shutil
 
+from absl import flags
 import cv2
 import numpy as np
 import pytest
@@ -261,6 +263,14 @@ def test_decoded_cache_gives_the_same_batches(tmp_path, scenes):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   assert cached['train'].bytes == 12 * (24 * 32 * 4 + len(cached['train'][0]['file_name']))
+  # grain worker processes (data.num_workers) get a pickled copy that starts empty.
+  flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, which main.py has parsed.
+  on.num_workers = 1
+  worker = input_pipeline.train_iterator(cached['train'], on, global_batch_size=4, seed=0)
+  first = next(input_pipeline.train_iterator(plain['train'], off, global_batch_size=4, seed=0))
+  np.testing.assert_array_equal(next(worker)['image'], first['image'])
+  copy = pickle.loads(pickle.dumps(cached['train']))
+  assert copy.bytes == 0 and len(copy) == 12 and copy[3]['image'].shape == (24, 32, 3)
   a, b = (next(input_pipeline.eval_batches(src['val'], cfg, global_batch_size=4, resize=False))
           for src, cfg in ((cached, on), (plain, off)))
   assert a['image'].shape == (4, 32, 32, 3)  # Native 24x32, padded to a multiple of 32.
