@@ -20,7 +20,8 @@ like the fourth from its weights on larger crops, `--config.init_from=RUN4
 "--config.data.image_size=(352,480)" "--config.data.augment.scale=(0.82,1.31)"` (+1.1), then a
 sixth like the fifth from its weights with the Lovasz loss weighted 3, `--config.init_from=RUN5
 --config.lovasz_weight=3.0` (+0.2). At evaluation, `--config.eval.flip=True
-"--config.eval.scales=(0.75,1.0,1.25)"` adds flip and multi-scale averaging (chosen on val/; six forward passes per image, so it is not the default).
+"--config.eval.scales=(0.75,1.0,1.25)"` adds flip and multi-scale averaging (chosen on val/; six
+forward passes per image, so it is not the default).
 """
 
 from configs import default
