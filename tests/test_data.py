@@ -256,6 +256,8 @@ def test_decoded_cache_gives_the_same_batches(tmp_path, scenes):
   plain, _ = input_pipeline.load_sources(off)
   assert isinstance(cached['train'], input_pipeline.DecodedCache)
   assert not isinstance(plain['train'], input_pipeline.DecodedCache)
+  assert isinstance(cached['val'], input_pipeline.DecodedCache)
+  assert not isinstance(cached['test'], input_pipeline.DecodedCache)  # Read once: not held.
   streams = [input_pipeline.train_iterator(src['train'], cfg, global_batch_size=4, seed=0)
              for src, cfg in ((cached, on), (plain, off))]
   for _ in range(9):  # Three epochs of 12 examples: the later ones read the cache.
