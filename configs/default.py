@@ -41,7 +41,7 @@ def get_config():
   config.data.num_workers = 0  # grain worker processes (0: threads in the main process).
   config.data.num_threads = 2  # grain reader threads.
   config.data.prefetch = 4  # Batches prefetched ahead of the train step.
-  config.data.cache_decoded_mb = 1024  # Decoded train/val examples held in memory, per split; 0: off.
+  config.data.cache_decoded_mb = 1024  # Decoded train/val examples kept, per split; 0: off.
   # Any folder of image/label pairs (data.name='folder'; see configs/custom.py and the README).
   config.data.folder = ml_collections.ConfigDict()
   config.data.folder.images = 'images'  # Image sub-folder of data.manual_dir.
