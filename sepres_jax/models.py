@@ -6,7 +6,12 @@ and pool5 are the outputs of the 2nd, 3rd and 4th blocks' pools. Head: FCN-8 (co
 finer skips beyond the original's: 1 scores pool2 (stride 4), 2 also pool1 (the stem's, stride 2),
 each a 1x1 score conv and a transposed conv to full size added to the logits. Those transposed
 convs start at zero, so the network starts as FCN-8 (and a fine-tune from FCN-8 weights starts
-from their predictions). The network returns
+from their predictions). `refine` > 0 adds a small U-Net-like decoder of that many channels: the
+stride-8 logits (before FCN-8's x8 upsampling) are upsampled x2 (bilinear), concatenated with
+pool2, passed through SeparableConv+BatchNorm+ReLU, upsampled x2 again, concatenated with pool1,
+and passed through another; a 1x1 conv started at zero scores that and its x2 bilinear upsampling is
+added to the logits. It gives the thin classes (poles, signs, fences) features at strides 4 and 2
+that see the coarse prediction; it too starts as the network without it. The network returns
 logits at the input's size; softmax lives in the loss. Inputs must have a height and width divisible
 by 32: callers pad other sizes and crop back.
 """
@@ -29,11 +34,12 @@ class Conv(nn.Module):
   impl: str = 'xla'
   use_bias: bool = True
   dtype: Any = jnp.float32
+  kernel_init: Any = _kernel_init
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param('kernel', _kernel_init, (k, k, x.shape[-1], self.features))
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features))
     y = ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
@@ -100,6 +106,7 @@ class SepResFCN8(nn.Module):
   head_width: int = 2048
   block_depth: int = 3  # SeparableConv+BatchNorm+ELU units per residual block.
   fine_skips: int = 0  # Skips finer than FCN-8's: 1 adds pool2 (stride 4), 2 also pool1 (stride 2).
+  refine: int = 0  # Channels of the refinement decoder on pool2 and pool1; 0: none (the original).
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   impl: str = 'xla'
@@ -114,6 +121,8 @@ class SepResFCN8(nn.Module):
       raise ValueError(f'model.block_depth must be at least 1, got {self.block_depth}')
     if self.fine_skips not in (0, 1, 2):
       raise ValueError(f'model.fine_skips must be 0, 1 or 2, got {self.fine_skips}')
+    if self.refine < 0:
+      raise ValueError(f'model.refine must be 0 (off) or a channel count, got {self.refine}')
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'input height and width must be divisible by 32, got {x.shape[1:3]}')
     norm = lambda name: nn.BatchNorm(
@@ -137,12 +146,28 @@ class SepResFCN8(nn.Module):
     s4 = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name='score_pool4')(pool4))
     s4 = Upsample(c, 2, self.impl, self.dtype, name='up_pool4')(s4)
     s3 = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name='score_pool3')(pool3))
-    y = Upsample(c, 8, self.impl, self.dtype, name='up_final')(y + s4 + s3)
+    coarse = y + s4 + s3  # Stride-8 logits.
+    y = Upsample(c, 8, self.impl, self.dtype, name='up_final')(coarse)
     for i, (tap, factor) in enumerate(((pool2, 4), (pool1, 2))[:self.fine_skips]):
       name = f'pool{2 - i}'
       s = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name=f'score_{name}')(tap))
       y = y + Upsample(c, factor, self.impl, self.dtype, nn.initializers.zeros, name=f'up_{name}')(s)
+    if self.refine:
+      z = coarse
+      for name, tap in (('refine4', pool2), ('refine2', pool1)):
+        z = jnp.concatenate([_upsample2x(z), tap.astype(z.dtype)], axis=-1)
+        z = SeparableConv(self.refine, self.impl, self.dtype, name=name)(z)
+        z = nn.relu(norm(f'{name}_bn')(z))
+      z = Conv(c, 1, self.impl, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+               name='refine_score')(z)
+      y = y + _upsample2x(z)
     return y.astype(jnp.float32)
+
+
+def _upsample2x(x):
+  """Bilinear x2 upsampling of [B, H, W, C] (half-pixel centres, as jax.image.resize)."""
+  b, h, w, c = x.shape
+  return jax.image.resize(x, (b, 2 * h, 2 * w, c), 'bilinear')
 
 
 def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -> SepResFCN8:
@@ -151,6 +176,7 @@ def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -
   return SepResFCN8(
       num_classes=num_outputs, widths=tuple(m.widths), head_width=m.head_width,
       block_depth=m.get('block_depth', 3), fine_skips=m.get('fine_skips', 0),
+      refine=m.get('refine', 0),
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=ops.resolve_impl(m.impl),
       dtype=jnp.dtype(config.dtype), bn_axis_name=bn_axis_name)
 

@@ -97,3 +97,48 @@ def test_fine_skips_out_of_range_is_rejected():
   model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, fine_skips=3)
   with pytest.raises(ValueError, match='fine_skips'):
     model.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)))
+
+
+@pytest.mark.parametrize('fine_skips', [0, 2])
+def test_refine_decoder_starts_as_the_network_without_it_and_then_learns(fine_skips):
+  """model.refine adds two SeparableConv+BatchNorm stages (on pool2, pool1) and a zero-started
+  score conv: at init the logits are those of the network without it; the score conv gets
+  gradients at once, and the stages get them once the score conv has moved."""
+  kw = dict(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, impl='fast_cpu',
+            fine_skips=fine_skips)
+  plain, refined = models.SepResFCN8(**kw), models.SepResFCN8(**kw, refine=6)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
+  variables = refined.init(jax.random.key(0), x)
+  added = {'refine4', 'refine2', 'refine4_bn', 'refine2_bn', 'refine_score'}
+  assert set(variables['params']) - set(plain.init(jax.random.key(0), x)['params']) == added
+  assert variables['params']['refine4']['pointwise_kernel'].shape == (1, 1, 5 + 8, 6)
+  assert variables['params']['refine2']['pointwise_kernel'].shape == (1, 1, 6 + 4, 6)
+  assert variables['params']['refine_score']['kernel'].shape == (1, 1, 6, 5)
+  assert set(variables['batch_stats']) - set(plain.init(jax.random.key(0), x)['batch_stats']) == {
+      'refine4_bn', 'refine2_bn'}
+  base = {'params': {k: v for k, v in variables['params'].items() if k not in added},
+          'batch_stats': {k: v for k, v in variables['batch_stats'].items()
+                          if not k.startswith('refine')}}
+  np.testing.assert_array_equal(refined.apply(variables, x), plain.apply(base, x))
+
+  def loss(params):
+    y, _ = refined.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                         train=True, mutable=['batch_stats'])
+    return jnp.mean(y * jnp.arange(5.0))
+  grads = jax.grad(loss)(variables['params'])
+  assert float(jnp.abs(grads['refine_score']['kernel']).max()) > 0
+  assert float(jnp.abs(grads['refine4']['pointwise_kernel']).max()) == 0  # Behind a zero conv.
+  moved = dict(variables['params'], refine_score={
+      'kernel': jnp.ones_like(variables['params']['refine_score']['kernel']),
+      'bias': variables['params']['refine_score']['bias']})
+  grads = jax.grad(loss)(moved)
+  for name in ('refine4', 'refine2'):
+    assert float(jnp.abs(grads[name]['pointwise_kernel']).max()) > 0
+  assert not np.allclose(refined.apply({'params': moved, 'batch_stats': variables['batch_stats']}, x),
+                         plain.apply(base, x))
+
+
+def test_negative_refine_is_rejected():
+  model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, refine=-1)
+  with pytest.raises(ValueError, match='model.refine'):
+    model.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)))
