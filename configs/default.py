@@ -34,6 +34,8 @@ def get_config():
   config.data.augment.crop = False  # Keep the aspect and take random image_size crops.
   config.data.augment.scale = (1.0, 1.0)  # Random scale range (with crop), 1 = height fits.
   config.data.augment.jitter = 0.0  # Brightness/contrast/saturation factor range 1 +- jitter.
+  config.data.augment.hue = 0.0  # Random hue rotation in [-hue, hue] degrees.
+  config.data.augment.blur = 0.0  # Probability of a Gaussian blur (sigma 0.3-1.5 pixels).
   config.data.random_flip = False  # Random horizontal flips of training examples (augmentation).
   config.data.num_classes = 11  # Real classes; the void label is num_classes.
   config.data.ignore_void = True  # Ignore void in loss and metrics; False predicts it as a class.

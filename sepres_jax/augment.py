@@ -1,4 +1,5 @@
-"""Training augmentation of (image, label) pairs: random scale and crop, flip, photometric jitter.
+"""Training augmentation of (image, label) pairs: random scale and crop, flip, photometric jitter,
+hue rotation and Gaussian blur.
 
 All off by default (and in configs/seed.py). Each example's randomness comes from its own numpy
 generator seeded by (seed, step, position in the global batch), so a run is reproducible, a
@@ -8,12 +9,30 @@ resumed run draws the same augmentations, and processes agree on a global batch.
 import cv2
 import numpy as np
 
+from sepres_jax.data.camvid import DataError
+
 IGNORE = -1  # Label of pixels that a crop padded: never counted.
 
 
 def is_active(data_config) -> bool:
   a = data_config.augment
-  return bool(a.crop or tuple(a.scale) != (1.0, 1.0) or a.jitter > 0)
+  check(a)
+  return bool(a.crop or tuple(a.scale) != (1.0, 1.0) or a.jitter > 0 or a.get('hue', 0) > 0
+              or a.get('blur', 0) > 0)
+
+
+def check(a):
+  """One-line errors for augmentation settings out of range, naming the key."""
+  lo, hi = (float(s) for s in a.scale)
+  if not 0 < lo <= hi:
+    raise DataError(f'config.data.augment.scale must be (low, high) with 0 < low <= high, got '
+                    f'{tuple(a.scale)}')
+  if not 0 <= a.jitter < 1:
+    raise DataError(f'config.data.augment.jitter must be in [0, 1), got {a.jitter}')
+  if not 0 <= a.get('hue', 0) <= 90:
+    raise DataError(f'config.data.augment.hue must be in [0, 90] degrees, got {a.hue}')
+  if not 0 <= a.get('blur', 0) <= 1:
+    raise DataError(f'config.data.augment.blur must be a probability in [0, 1], got {a.blur}')
 
 
 def scale_and_crop(rgb, label, rng, size, scale_range, crop: bool):
@@ -51,6 +70,28 @@ def jitter(rgb, rng, strength: float):
   return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
+def rotate_hue(rgb, rng, degrees: float):
+  """Rotates every pixel's hue by one random angle in [-degrees, degrees] (OpenCV's 8-bit HSV,
+  whose hue runs 0-179 in steps of 2 degrees); saturation and value are kept."""
+  shift = int(round(rng.uniform(-degrees, degrees) / 2))
+  if not shift:
+    return rgb
+  hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+  hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+BLUR_SIGMA = (0.3, 1.5)  # Range of the blur's standard deviation, in pixels.
+
+
+def blur(rgb, rng, probability: float):
+  """With the given probability, a Gaussian blur of a random sigma in BLUR_SIGMA (defocus and
+  motion blur of another camera or sequence); the label is not blurred."""
+  if rng.random() >= probability:
+    return rgb
+  return cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), rng.uniform(*BLUR_SIGMA))
+
+
 def augment(rgb, label, rng, data_config, flip: bool):
   """uint8 RGB [H, W, 3] and uint8 label [H, W] -> uint8 RGB and int32 label at image_size."""
   a = data_config.augment
@@ -61,6 +102,10 @@ def augment(rgb, label, rng, data_config, flip: bool):
   rgb, label = scale_and_crop(np.asarray(rgb), label, rng, size, tuple(a.scale), bool(a.crop))
   if a.jitter > 0:
     rgb = jitter(rgb, rng, float(a.jitter))
+  if a.get('hue', 0) > 0:  # Drawn only when on, so runs without it keep their random streams.
+    rgb = rotate_hue(rgb, rng, float(a.hue))
+  if a.get('blur', 0) > 0:
+    rgb = blur(rgb, rng, float(a.blur))
   if flip:
     rgb, label = rgb[:, ::-1], label[:, ::-1]
   return np.ascontiguousarray(rgb), np.ascontiguousarray(label)

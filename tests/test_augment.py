@@ -67,6 +67,56 @@ def test_jitter_changes_colours_not_labels():
   assert np.array_equal(augment.jitter(rgb, np.random.default_rng(0), 0.0), rgb)
 
 
+def test_hue_rotates_colours_keeps_grey_and_labels():
+  rgb, label = _pair()
+  rgb[:12, :12] = 128  # A grey block has no hue: it stays grey.
+  out = augment.rotate_hue(rgb, np.random.default_rng(1), 60.0)
+  assert out.shape == rgb.shape and out.dtype == np.uint8 and not np.array_equal(out, rgb)
+  np.testing.assert_array_equal(out[:12, :12], rgb[:12, :12])
+  # Value (the largest channel) is kept up to the 8-bit HSV round trip.
+  assert np.abs(out.max(-1).astype(int) - rgb.max(-1).astype(int)).max() <= 2
+  config = _config(crop=True, scale=(1.0, 1.5), hue=30.0)
+  assert augment.is_active(config)
+  on = augment.augment(rgb, label, np.random.default_rng(3), config, False)
+  off = augment.augment(rgb, label, np.random.default_rng(3), _config(crop=True, scale=(1.0, 1.5)),
+                        False)
+  np.testing.assert_array_equal(on[1], off[1])  # Same crop; labels are never recoloured.
+  assert not np.array_equal(on[0], off[0])
+
+
+def test_blur_smooths_with_its_probability():
+  rgb, _ = _pair()
+  out = augment.blur(rgb, np.random.default_rng(0), 1.0)
+  assert out.dtype == np.uint8 and out.shape == rgb.shape
+  # Block edges are smoothed: the largest step between neighbours falls.
+  step = lambda x: np.abs(np.diff(x[..., 0].astype(int), axis=1)).max()
+  assert step(out) < step(rgb)
+  assert np.array_equal(augment.blur(rgb, np.random.default_rng(0), 0.0), rgb)
+  drawn = [not np.array_equal(augment.blur(rgb, np.random.default_rng(s), 0.3), rgb)
+           for s in range(200)]
+  assert 0.2 < np.mean(drawn) < 0.4
+
+
+def test_new_draws_leave_existing_streams_alone():
+  """hue and blur draw only when on, so a config without them augments exactly as before."""
+  rgb, label = _pair()
+  base = _config(crop=True, scale=(1.0, 1.5), jitter=0.3)
+  off = _config(crop=True, scale=(1.0, 1.5), jitter=0.3, hue=0.0, blur=0.0)
+  del base.augment['hue'], base.augment['blur']  # A config written before the fields existed.
+  a = augment.augment(rgb, label, np.random.default_rng(5), base, True)
+  b = augment.augment(rgb, label, np.random.default_rng(5), off, True)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize('key,value', [('hue', 120.0), ('hue', -1.0), ('blur', 1.5),
+                                       ('jitter', 1.0), ('scale', (1.5, 1.0))])
+def test_out_of_range_settings_name_the_key(key, value):
+  config = _config(**{key: value})
+  with pytest.raises(augment.DataError, match=f'config.data.augment.{key} '):
+    augment.is_active(config)
+
+
 def test_train_iterator_with_augmentation(tmp_path):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   config = test_config.get_config().data
