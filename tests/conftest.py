@@ -9,6 +9,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `from configs import ...` as main.py does.
 CAMVID = ROOT.parent / 'shared' / 'data' / 'CamVid'
+# The test workers (pytest-xdist) and the subprocesses they start share one machine: on a GPU,
+# none of them may take most of its memory up front.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 
 @pytest.fixture
