@@ -85,8 +85,8 @@ BLUR_SIGMA = (0.3, 1.5)  # Range of the blur's standard deviation, in pixels.
 
 
 def blur(rgb, rng, probability: float):
-  """With the given probability, a Gaussian blur of a random sigma in BLUR_SIGMA (defocus and
-  motion blur of another camera or sequence); the label is not blurred."""
+  """With the given probability, a Gaussian blur of a random sigma in BLUR_SIGMA (as a softer
+  lens or focus in another camera or sequence might give); the label is not blurred."""
   if rng.random() >= probability:
     return rgb
   return cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), rng.uniform(*BLUR_SIGMA))
