@@ -85,6 +85,13 @@ def get_config():
   config.weight_decay = 0.0  # Decoupled (AdamW-style) decay of conv kernels, times the rate.
   config.label_smoothing = 0.0  # Cross-entropy label smoothing.
   config.lovasz_weight = 0.0  # Adds this times the per-image Lovasz-softmax loss (IoU surrogate).
+  # Distillation (sepres_jax/distill.py): adds weight times the cross-entropy against a trained
+  # model's probabilities of the training images, averaged over its flip and scales.
+  config.distill = ml_collections.ConfigDict()
+  config.distill.teacher = ''  # A workdir or pretrained/<name> folder of this architecture.
+  config.distill.weight = 0.0  # 0: off.
+  config.distill.flip = True  # The teacher's predictions average the mirror image's ...
+  config.distill.scales = (0.75, 1.0, 1.25)  # ... and these input scales'.
   config.schedule = 'constant'  # Per-step multiplier: 'constant', 'cosine' or 'polynomial'.
   config.warmup_steps = 0  # Linear warm-up steps (any schedule).
   config.end_factor = 0.0  # Final multiplier of 'cosine' and 'polynomial'.

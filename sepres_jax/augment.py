@@ -9,6 +9,7 @@ resumed run draws the same augmentations, and processes agree on a global batch.
 import cv2
 import numpy as np
 
+from sepres_jax import distill
 from sepres_jax.data.camvid import DataError
 
 IGNORE = -1  # Label of pixels that a crop padded: never counted.
@@ -35,27 +36,35 @@ def check(a):
     raise DataError(f'config.data.augment.blur must be a probability in [0, 1], got {a.blur}')
 
 
-def scale_and_crop(rgb, label, rng, size, scale_range, crop: bool):
+def scale_and_crop(rgb, label, rng, size, scale_range, crop: bool, soft=None):
   """Resizes so that the height matches size[0] times a random scale, keeping the aspect, then
   takes a random crop of `size` (padding with IGNORE labels where the image is smaller).
 
   Without `crop` the image is squashed to `size` (the plain resize); the scale then has no effect.
+  `soft` (per-pixel class probabilities [H, W, K], distillation's targets) is resized bilinearly
+  and cropped with the label; returns (rgb, label, soft), soft None when not given.
   """
   h, w = size
   if not crop:
     return (cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR),
-            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32))
+            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32),
+            None if soft is None else distill.resize_soft(soft, size))
   s = rng.uniform(*scale_range) * h / rgb.shape[0]
   nh, nw = max(1, round(rgb.shape[0] * s)), max(1, round(rgb.shape[1] * s))
   rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
   label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+  if soft is not None:
+    soft = distill.resize_soft(soft, (nh, nw))
   ph, pw = max(h - nh, 0), max(w - nw, 0)
   if ph or pw:
     rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)))
     label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+    if soft is not None:
+      soft = np.pad(soft, ((0, ph), (0, pw), (0, 0)))
   y = rng.integers(0, rgb.shape[0] - h + 1)
   x = rng.integers(0, rgb.shape[1] - w + 1)
-  return rgb[y:y + h, x:x + w], label[y:y + h, x:x + w]
+  crop_of = lambda a: None if a is None else a[y:y + h, x:x + w]
+  return crop_of(rgb), crop_of(label), crop_of(soft)
 
 
 def jitter(rgb, rng, strength: float):
@@ -92,14 +101,19 @@ def blur(rgb, rng, probability: float):
   return cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), rng.uniform(*BLUR_SIGMA))
 
 
-def augment(rgb, label, rng, data_config, flip: bool):
-  """uint8 RGB [H, W, 3] and uint8 label [H, W] -> uint8 RGB and int32 label at image_size."""
+def augment(rgb, label, rng, data_config, flip: bool, soft=None):
+  """uint8 RGB [H, W, 3] and uint8 label [H, W] -> uint8 RGB and int32 label at image_size.
+
+  With `soft` ([H, W, K] distillation targets) it is moved with the label (scale, crop, flip) and
+  returned third. It draws no random numbers, so the augmentation is the same with or without it.
+  """
   a = data_config.augment
   size = tuple(int(s) for s in data_config.image_size)
   label = np.asarray(label)
   if label.ndim == 3:
     label = label[..., 0]
-  rgb, label = scale_and_crop(np.asarray(rgb), label, rng, size, tuple(a.scale), bool(a.crop))
+  rgb, label, soft = scale_and_crop(np.asarray(rgb), label, rng, size, tuple(a.scale),
+                                    bool(a.crop), soft)
   if a.jitter > 0:
     rgb = jitter(rgb, rng, float(a.jitter))
   if a.get('hue', 0) > 0:  # Drawn only when on, so runs without it keep their random streams.
@@ -108,4 +122,7 @@ def augment(rgb, label, rng, data_config, flip: bool):
     rgb = blur(rgb, rng, float(a.blur))
   if flip:
     rgb, label = rgb[:, ::-1], label[:, ::-1]
+    soft = None if soft is None else soft[:, ::-1]
+  if soft is not None:
+    return np.ascontiguousarray(rgb), np.ascontiguousarray(label), np.ascontiguousarray(soft)
   return np.ascontiguousarray(rgb), np.ascontiguousarray(label)

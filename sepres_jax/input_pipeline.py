@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sepres_jax import augment
+from sepres_jax import distill
 from sepres_jax.data import camvid
 from sepres_jax.data import folder as folder_data
 from sepres_jax.data import synthetic
@@ -331,22 +332,31 @@ class _TrainBatch:
       flips = np.random.default_rng([self.seed, step]).random(len(global_indices)) < 0.5
     else:
       flips = np.zeros(len(global_indices), bool)
-    images, labels = [], []
+    images, labels, softs = [], [], []
     for i in range(self.start, self.stop):
       example = self.source[int(global_indices[i])]
+      soft = example.get(distill.SOFT_KEY)  # Distillation targets, moved with the label.
       if self.augmented:
         rng = np.random.default_rng([self.seed, step, i])
-        rgb, label = augment.augment(example['image'], example['label'], rng, self.data_config,
-                                     bool(flips[i]))
+        out = augment.augment(example['image'], example['label'], rng, self.data_config,
+                              bool(flips[i]), soft)
+        rgb, label, soft = out if soft is not None else (*out, None)
         image = preprocess_image(rgb, self.data_config)
       else:
         image = preprocess_image(example['image'], self.data_config, self.size)
         label = preprocess_label(example['label'], self.size)
+        if soft is not None:
+          soft = distill.resize_soft(soft, self.size)
         if flips[i]:
           image, label = image[:, ::-1], label[:, ::-1]
+          soft = None if soft is None else soft[:, ::-1]
       images.append(image)
       labels.append(label)
-    return {'image': np.stack(images), 'label': np.stack(labels)}
+      softs.append(soft)
+    batch = {'image': np.stack(images), 'label': np.stack(labels)}
+    if softs and softs[0] is not None:
+      batch[distill.SOFT_KEY] = np.stack(softs)
+    return batch
 
 
 def train_iterator(source, data_config, *, global_batch_size, seed, process_index=0,

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from sepres_jax import checkpoints
+from sepres_jax import distill
 from sepres_jax import guards
 from sepres_jax import input_pipeline
 from sepres_jax import metrics
@@ -149,11 +150,14 @@ def create_train_state(config, model, rng, mesh, total_steps: Optional[int] = No
 # ---------------------------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float = 0.0,
-               lovasz_weight: float = 0.0, axis_name: Optional[str] = None):
+               lovasz_weight: float = 0.0, distill_weight: float = 0.0,
+               axis_name: Optional[str] = None):
   """One RMSprop step on the mean loss over all counted pixels of the global batch.
 
   With `lovasz_weight`, the mean per-image Lovasz-softmax loss times it is added to the
-  cross-entropy; the step's 'loss_sum' stays the cross-entropy's (train_loss in the history).
+  cross-entropy; with `distill_weight` (and the batch's 'soft' targets), the mean cross-entropy
+  against the teacher's probabilities times it. The step's 'loss_sum' stays the cross-entropy's
+  with the labels (train_loss in the history).
   """
   def total(x):
     return lax.psum(x, axis_name) if axis_name else x
@@ -168,6 +172,10 @@ def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float
     if lovasz_weight:
       lovasz_sum, images = metrics.lovasz_softmax(logits, batch['label'])
       loss += lovasz_weight * lovasz_sum / jnp.maximum(total(images), 1.0)
+    if distill_weight:
+      soft_sum, pixels = distill.soft_cross_entropy(logits, batch[distill.SOFT_KEY],
+                                                    batch['label'], logits.shape[-1])
+      loss += distill_weight * soft_sum / jnp.maximum(total(pixels), 1.0)
     return loss, (logits, updates, loss_sum, weight)
 
   grads, (logits, updates, loss_sum, weight) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -219,16 +227,18 @@ class Stepper:
     w = None if weights is None else jnp.asarray(weights)
     ls = float(config.label_smoothing)
     lw = float(config.lovasz_weight)
+    dw = float(config.distill.weight) if distill.enabled(config) else 0.0
+    self.keys = ('image', 'label', distill.SOFT_KEY) if dw else ('image', 'label')
     if self.mode == 'jit':
       self.train = jax.jit(functools.partial(train_step, weights=w, label_smoothing=ls,
-                                             lovasz_weight=lw),
+                                             lovasz_weight=lw, distill_weight=dw),
                            donate_argnums=0, out_shardings=(self.replicated, self.replicated))
       self.eval = jax.jit(functools.partial(eval_step, weights=w),
                           out_shardings=self.replicated)
     elif self.mode == 'pmap':
       self.train = jax.pmap(
           functools.partial(train_step, weights=w, label_smoothing=ls, lovasz_weight=lw,
-                            axis_name=PMAP_AXIS),
+                            distill_weight=dw, axis_name=PMAP_AXIS),
           axis_name=PMAP_AXIS, donate_argnums=0, devices=mesh.devices.flat)
       self.eval = jax.pmap(functools.partial(eval_step, weights=w, axis_name=PMAP_AXIS),
                            axis_name=PMAP_AXIS, devices=mesh.devices.flat)
@@ -237,7 +247,7 @@ class Stepper:
 
   def batch(self, local: dict) -> dict:
     """Process-local numpy batch -> global device batch (sharded, or stacked per device)."""
-    local = {k: local[k] for k in ('image', 'label')}
+    local = {k: local[k] for k in self.keys if k in local}  # Eval batches have no 'soft'.
     if self.mode == 'pmap':
       n = self.mesh.devices.size
       return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), local)
@@ -376,8 +386,10 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   check_batch_sizes(config, mesh)
   verify.check_data(config.data)  # Every problem of the folder listed, once, before building.
   sources, info = input_pipeline.load_sources(config.data)
+  # Distillation: the teacher's predictions of the training images join them as soft targets.
+  train_source = distill.with_teacher(config, sources['train'], mesh)
   train_iter = input_pipeline.train_iterator(
-      sources['train'], config.data, global_batch_size=config.batch_size, seed=config.seed,
+      train_source, config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = input_pipeline.steps_per_epoch(len(sources['train']), config.batch_size)
   # Validation scores what --mode=evaluate reports (eval.input), so the best checkpoint is chosen

@@ -1,0 +1,129 @@
+"""Distillation: a trained model's averaged predictions on the training images as soft targets.
+
+With `config.distill.weight` > 0 and `config.distill.teacher` (a workdir or a pretrained/<name>
+folder holding weights of this run's architecture), each training image is predicted once, before
+the first step, at its native size the way --mode=evaluate predicts (`eval.input`), averaged over
+`distill.flip` and `distill.scales` (a teacher with test-time augmentation, which one forward pass
+of the student then learns to match). The probabilities are kept as uint8 per pixel and class
+(11 bytes a pixel for CamVid: 0.7 GB for its 367 training images) and go through the same scale,
+crop and flip as the labels. The loss adds `weight` times the cross-entropy of the student's
+softmax against them, over the pixels the labels count (void and crop padding excluded).
+
+Only training images are predicted, so the protocol holds: val/ still selects, test/ only reports.
+The targets are computed again (identically) when a run resumes.
+"""
+
+import time
+
+from absl import logging
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sepres_jax import models
+
+SOFT_KEY = 'soft'
+
+
+def enabled(config) -> bool:
+  d = config.get('distill')
+  if not d or not float(d.get('weight', 0.0)):
+    return False
+  from sepres_jax import train  # pylint: disable=g-import-not-at-top
+  if float(d.weight) < 0:
+    raise train.RunError(f'config.distill.weight must be >= 0, got {d.weight}')
+  if not d.get('teacher'):
+    raise train.RunError('config.distill.weight > 0 needs config.distill.teacher (a workdir or a '
+                         'pretrained/<name> folder)')
+  return True
+
+
+class SoftTargets:
+  """A training source whose examples also hold the teacher's uint8 probabilities [H, W, K]."""
+
+  def __init__(self, parent, probs):
+    self.parent = parent
+    self.probs = probs
+
+  def __len__(self):
+    return len(self.parent)
+
+  def __getitem__(self, i):
+    return dict(self.parent[i], **{SOFT_KEY: self.probs[i]})
+
+  def __repr__(self):
+    return f'SoftTargets({self.parent!r})'
+
+
+def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
+  """The teacher's uint8 class probabilities of every example of `source`, at its native size."""
+  # Imported here: input_pipeline and augment import this module for its helpers.
+  from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sepres_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from sepres_jax import train  # pylint: disable=g-import-not-at-top
+  d = config.distill
+  model = models.create_model(config, train.num_outputs(config))
+  state = train.create_train_state(config, model, jax.random.key(0), mesh)
+  state = state.replace(**evaluate.load_weights(d.teacher, state))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  flip, scales = bool(d.flip), tuple(float(s) for s in d.scales)
+  native = config.eval.input == 'native'
+  size = tuple(int(s) for s in config.data.image_size)
+
+  @jax.jit
+  def probabilities(variables, image):
+    logits = models.averaged_logits(model.apply, variables, image, flip, scales)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  start = time.time()
+  out = []
+  for i in range(len(source)):
+    rgb = np.asarray(source[i]['image'])
+    h, w = rgb.shape[:2]
+    if native:
+      x = input_pipeline.preprocess_image(rgb, config.data)
+      x = np.pad(x, ((0, -h % input_pipeline.PAD_MULTIPLE), (0, -w % input_pipeline.PAD_MULTIPLE),
+                     (0, 0)))
+    else:
+      x = input_pipeline.preprocess_image(rgb, config.data, size)
+    p = np.asarray(probabilities(variables, jax.device_put(x[None], replicated)))[0]
+    if native:
+      p = p[:h, :w]
+    elif p.shape[:2] != (h, w):
+      p = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
+    out.append(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8))
+    if (i + 1) % 50 == 0:
+      logging.info('Distillation targets: %d of %d images, %.0f s', i + 1, len(source),
+                   time.time() - start)
+  logging.info('Distillation targets of %d training images from %s in %.0f s', len(out),
+               d.teacher, time.time() - start)
+  return out
+
+
+def with_teacher(config, source, mesh):
+  """`source` with soft targets when distillation is on, else `source` itself."""
+  if not enabled(config):
+    return source
+  return SoftTargets(source, teacher_probabilities(config, source, mesh))
+
+
+def resize_soft(soft, size):
+  """uint8 [H, W, K] -> [h, w, K] resized bilinearly (cv2 keeps K channels, K <= 512)."""
+  h, w = size
+  if soft.shape[:2] == (h, w):
+    return soft
+  out = cv2.resize(np.ascontiguousarray(soft), (w, h), interpolation=cv2.INTER_LINEAR)
+  return out.reshape(h, w, soft.shape[-1])
+
+
+def soft_cross_entropy(logits, soft, labels, num_classes: int):
+  """(sum over counted pixels of -sum_k q_k log p_k, pixels counted); q = the uint8 targets
+  renormalised to 1 (their rounding), p = softmax(logits)."""
+  q = soft.astype(jnp.float32)
+  q = q / jnp.maximum(jnp.sum(q, -1, keepdims=True), 1.0)
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  mask = (labels >= 0) & (labels < num_classes)
+  per_pixel = -jnp.sum(q * log_p, -1)
+  return jnp.sum(jnp.where(mask, per_pixel, 0.0)), jnp.sum(mask, dtype=jnp.float32)
