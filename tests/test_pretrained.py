@@ -29,13 +29,27 @@ def _size(folder):
   return sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(folder) for n in ns)
 
 
-def test_pack_writes_weights_config_and_scores_that_reproduce(tmp_path, monkeypatch):
-  config, workdir = train_tiny(tmp_path, visualize__num_tensorboard_images=0)
+@pytest.fixture(scope='module')
+def packed_run(tmp_path_factory):
+  """(config, workdir, packed folder, its test scores) of one tiny run, evaluated on test/ and
+  packed as pretrained/tiny, for both tests."""
+  tmp = tmp_path_factory.mktemp('pack')
+  config, workdir = train_tiny(tmp, visualize__num_tensorboard_images=0)
   config.eval.num_panels = 0
   scores = evaluate.evaluate(config, workdir)
-  monkeypatch.chdir(ROOT)
-  out = tmp_path / 'pretrained' / 'tiny'
-  results = pretrained.pack(workdir, os.fspath(out))
+  out = tmp / 'pretrained' / 'tiny'
+  cwd = os.getcwd()
+  os.chdir(ROOT)  # As a user packs from the repository root.
+  try:
+    results = pretrained.pack(workdir, os.fspath(out))
+  finally:
+    os.chdir(cwd)
+  return config, workdir, out, results, scores
+
+
+def test_pack_writes_weights_config_and_scores_that_reproduce(packed_run, tmp_path):
+  config, workdir, out, results, scores = packed_run
+  config = config.copy_and_resolve_references()
   assert sorted(os.listdir(out)) == ['config.py', 'results.json', 'weights']
   assert results['miou'] == pytest.approx(scores['miou'])
   assert json.loads((out / 'results.json').read_text())['iou']['Sky'] == pytest.approx(
@@ -51,22 +65,25 @@ def test_pack_writes_weights_config_and_scores_that_reproduce(tmp_path, monkeypa
   assert again['checkpoint'] == os.fspath(out)
 
 
-def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(tmp_path, monkeypatch):
+def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(packed_run, tmp_path):
   """init_from into a model with finer skips (training's path): stored arrays are loaded, the new
   layers keep their initial values; a stored array the model lacks or reshapes is a one-line error."""
   import jax  # pylint: disable=g-import-not-at-top
   from sepres_jax import train  # pylint: disable=g-import-not-at-top
-  config, workdir = train_tiny(tmp_path, visualize__num_tensorboard_images=0)
-  config.eval.num_panels = 0
-  monkeypatch.chdir(ROOT)
-  packed = os.fspath(tmp_path / 'pretrained' / 'tiny')
-  pretrained.pack(workdir, packed)
+  config, workdir, packed, _, _ = packed_run
+  config = config.copy_and_resolve_references()
+  packed = os.fspath(packed)
+
+  states = {}  # Each architecture's initial state is built (compiled) once.
 
   def state_of(**model_fields):
-    c = config.copy_and_resolve_references()
-    c.model.update(model_fields)
-    model = train.models.create_model(c, train.num_outputs(c))
-    return train.create_train_state(c, model, jax.random.key(7), train.make_mesh())
+    key = tuple(sorted(model_fields.items()))
+    if key not in states:
+      c = config.copy_and_resolve_references()
+      c.model.update(model_fields)
+      model = train.models.create_model(c, train.num_outputs(c))
+      states[key] = train.create_train_state(c, model, jax.random.key(7), train.make_mesh())
+    return states[key]
 
   same = evaluate.load_weights(workdir, state_of())
   for source in (workdir, packed):
