@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sepres_jax import distill
 from sepres_jax import models
 from sepres_jax import profiling
 from sepres_jax import train
@@ -63,9 +64,12 @@ def benchmark(config) -> int:
 
   rng = np.random.default_rng(0)
   shape = train.input_shape(config, b)
-  batch = stepper.batch({
-      'image': rng.uniform(-1, 1, shape).astype(np.float32),
-      'label': rng.integers(0, train.num_outputs(config), shape[:3]).astype(np.int32)})
+  raw = {'image': rng.uniform(-1, 1, shape).astype(np.float32),
+         'label': rng.integers(0, train.num_outputs(config), shape[:3]).astype(np.int32)}
+  if distill.SOFT_KEY in stepper.keys:  # A distilling run's step also reads soft targets.
+    raw[distill.SOFT_KEY] = rng.integers(
+        0, 256, (*shape[:3], train.num_outputs(config))).astype(np.uint8)
+  batch = stepper.batch(raw)
 
   # --- Training: compile, then time the donated step on a fixed batch ---------------------
   t = time.perf_counter()

@@ -156,3 +156,14 @@ def test_a_run_distils_from_a_teacher(tiny_config, tmp_path):
   config.distill.teacher = str(tmp_path / 'nowhere')
   with pytest.raises(train.RunError, match='nowhere'):
     train.train_and_evaluate(config, str(tmp_path / 'student2'))
+
+
+def test_benchmark_times_a_distilling_step(tiny_config, capsys):
+  from sepres_jax import benchmark  # pylint: disable=g-import-not-at-top
+  tiny_config.distill.teacher = 'not-read-by-the-benchmark'
+  tiny_config.distill.weight = 1.0
+  tiny_config.benchmark.repeats = 1
+  tiny_config.benchmark.infer_size = (64, 96)
+  assert benchmark.benchmark(tiny_config) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result['train_images_per_sec'] > 0 and result['train_gflops_per_image'] > 0
