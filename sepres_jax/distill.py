@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sepres_jax import metrics
 from sepres_jax import models
 
 SOFT_KEY = 'soft'
@@ -61,6 +62,7 @@ def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
   # Imported here: input_pipeline and augment import this module for its helpers.
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sepres_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from sepres_jax import predict  # pylint: disable=g-import-not-at-top
   from sepres_jax import train  # pylint: disable=g-import-not-at-top
   d = config.distill
   model = models.create_model(config, train.num_outputs(config))
@@ -83,9 +85,7 @@ def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
     rgb = np.asarray(source[i]['image'])
     h, w = rgb.shape[:2]
     if native:
-      x = input_pipeline.preprocess_image(rgb, config.data)
-      x = np.pad(x, ((0, -h % input_pipeline.PAD_MULTIPLE), (0, -w % input_pipeline.PAD_MULTIPLE),
-                     (0, 0)))
+      x = predict.pad_to_multiple(input_pipeline.preprocess_image(rgb, config.data))
     else:
       x = input_pipeline.preprocess_image(rgb, config.data, size)
     p = np.asarray(probabilities(variables, jax.device_put(x[None], replicated)))[0]
@@ -124,6 +124,6 @@ def soft_cross_entropy(logits, soft, labels, num_classes: int):
   q = soft.astype(jnp.float32)
   q = q / jnp.maximum(jnp.sum(q, -1, keepdims=True), 1.0)
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  mask = (labels >= 0) & (labels < num_classes)
+  mask = metrics.valid_mask(labels, num_classes)
   per_pixel = -jnp.sum(q * log_p, -1)
   return jnp.sum(jnp.where(mask, per_pixel, 0.0)), jnp.sum(mask, dtype=jnp.float32)
