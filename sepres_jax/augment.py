@@ -102,10 +102,11 @@ def blur(rgb, rng, probability: float):
 
 
 def augment(rgb, label, rng, data_config, flip: bool, soft=None):
-  """uint8 RGB [H, W, 3] and uint8 label [H, W] -> uint8 RGB and int32 label at image_size.
+  """uint8 RGB [H, W, 3] and uint8 label [H, W] -> (uint8 RGB, int32 label, soft) at image_size.
 
-  With `soft` ([H, W, K] distillation targets) it is moved with the label (scale, crop, flip) and
-  returned third. It draws no random numbers, so the augmentation is the same with or without it.
+  `soft` ([H, W, K] distillation targets, or None) is moved with the label (scale, crop, flip) and
+  returned third (None stays None). It draws no random numbers, so the augmentation is the same
+  with or without it.
   """
   a = data_config.augment
   size = tuple(int(s) for s in data_config.image_size)
@@ -123,6 +124,5 @@ def augment(rgb, label, rng, data_config, flip: bool, soft=None):
   if flip:
     rgb, label = rgb[:, ::-1], label[:, ::-1]
     soft = None if soft is None else soft[:, ::-1]
-  if soft is not None:
-    return np.ascontiguousarray(rgb), np.ascontiguousarray(label), np.ascontiguousarray(soft)
-  return np.ascontiguousarray(rgb), np.ascontiguousarray(label)
+  soft = None if soft is None else np.ascontiguousarray(soft)
+  return np.ascontiguousarray(rgb), np.ascontiguousarray(label), soft

@@ -338,9 +338,8 @@ class _TrainBatch:
       soft = example.get(distill.SOFT_KEY)  # Distillation targets, moved with the label.
       if self.augmented:
         rng = np.random.default_rng([self.seed, step, i])
-        out = augment.augment(example['image'], example['label'], rng, self.data_config,
-                              bool(flips[i]), soft)
-        rgb, label, soft = out if soft is not None else (*out, None)
+        rgb, label, soft = augment.augment(example['image'], example['label'], rng,
+                                           self.data_config, bool(flips[i]), soft)
         image = preprocess_image(rgb, self.data_config)
       else:
         image = preprocess_image(example['image'], self.data_config, self.size)

@@ -33,7 +33,9 @@ def test_scale_and_crop_keeps_image_and_label_aligned(scale):
   config = _config(crop=True, scale=scale)
   rgb, label = _pair()
   for seed in range(5):
-    out_rgb, out_label = augment.augment(rgb, label, np.random.default_rng(seed), config, False)
+    out_rgb, out_label, soft = augment.augment(rgb, label, np.random.default_rng(seed), config,
+                                               False)
+    assert soft is None
     assert out_rgb.shape == (64, 64, 3) and out_rgb.dtype == np.uint8
     assert out_label.shape == (64, 64) and out_label.dtype == np.int32
     counted = out_label >= 0
