@@ -72,6 +72,7 @@ def get_config():
   config.model.block_depth = 3  # SeparableConv+BatchNorm+ELU units per residual block.
   config.model.fine_skips = 0  # Skips finer than FCN-8's: 1 adds pool2 (stride 4), 2 also pool1.
   config.model.refine = 0  # Channels of a refinement decoder on pool2 and pool1 (0: off).
+  config.model.context = 0  # Channels of each branch of a context module on pool5 (0: off).
   # 0.9 (PyTorch's default): running statistics settle in ~30 steps. Keras' 0.99 (configs/seed.py)
   # needs ~500, so early epochs validate with stale statistics.
   config.model.bn_momentum = 0.9

@@ -12,7 +12,11 @@ pool2, passed through SeparableConv+BatchNorm+ReLU, upsampled x2 again, concaten
 and passed through another; a 1x1 conv started at zero scores that and its x2 bilinear upsampling is
 added to the logits: features at strides 4 and 2 that see the coarse prediction, meant for the
 thin classes (on CamVid it moved val by +0.003 only, README). It too starts as the network without
-it. The network returns
+it. `context` > 0 adds a context module on pool5 (after DeepLab's ASPP, at this network's stride
+32): image-level pooling (the mean over the map, a 1x1 conv, ReLU, spread back over the map) and two
+dilated 3x3 separable convs (rates 3 and 6) with BatchNorm and ReLU, each of that many channels,
+concatenated and projected by a 1x1 conv started at zero into conv7's input to its ReLU, so it too
+starts as the network without it. The network returns
 logits at the input's size; softmax lives in the loss. Inputs must have a height and width divisible
 by 32: callers pad other sizes and crop back.
 """
@@ -108,6 +112,7 @@ class SepResFCN8(nn.Module):
   block_depth: int = 3  # SeparableConv+BatchNorm+ELU units per residual block.
   fine_skips: int = 0  # Skips finer than FCN-8's: 1 adds pool2 (stride 4), 2 also pool1 (stride 2).
   refine: int = 0  # Channels of the refinement decoder on pool2 and pool1; 0: none (the original).
+  context: int = 0  # Channels of each branch of the context module on pool5; 0: none.
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   impl: str = 'xla'
@@ -124,6 +129,8 @@ class SepResFCN8(nn.Module):
       raise ValueError(f'model.fine_skips must be 0, 1 or 2, got {self.fine_skips}')
     if self.refine < 0:
       raise ValueError(f'model.refine must be 0 (off) or a channel count, got {self.refine}')
+    if self.context < 0:
+      raise ValueError(f'model.context must be 0 (off) or a channel count, got {self.context}')
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'input height and width must be divisible by 32, got {x.shape[1:3]}')
     norm = lambda name: nn.BatchNorm(
@@ -142,7 +149,10 @@ class SepResFCN8(nn.Module):
 
     c = self.num_classes
     y = nn.relu(Conv(self.head_width, 7, self.impl, dtype=self.dtype, name='conv6')(pool5))
-    y = nn.relu(Conv(self.head_width, 1, self.impl, dtype=self.dtype, name='conv7')(y))
+    y = Conv(self.head_width, 1, self.impl, dtype=self.dtype, name='conv7')(y)
+    if self.context:
+      y = y + self._context(pool5, norm)
+    y = nn.relu(y)
     y = Upsample(c, 4, self.impl, self.dtype, name='up_conv7')(y)
     s4 = nn.relu(Conv(c, 1, self.impl, dtype=self.dtype, name='score_pool4')(pool4))
     s4 = Upsample(c, 2, self.impl, self.dtype, name='up_pool4')(s4)
@@ -164,6 +174,40 @@ class SepResFCN8(nn.Module):
       y = y + _upsample2x(z)
     return y.astype(jnp.float32)
 
+  def _context(self, x, norm):
+    """The context module's contribution to conv7's pre-activation (zero at initialisation)."""
+    f = self.context
+    g = jnp.mean(x.astype(self.dtype), axis=(1, 2), keepdims=True)
+    g = nn.relu(Conv(f, 1, self.impl, dtype=self.dtype, name='context_pool')(g))
+    branches = [jnp.broadcast_to(g, x.shape[:3] + (f,))]
+    for rate in (3, 6):
+      z = DilatedSeparableConv(f, rate, self.dtype, name=f'context_d{rate}')(x)
+      branches.append(nn.relu(norm(f'context_d{rate}_bn')(z)))
+    return Conv(self.head_width, 1, self.impl, use_bias=False, dtype=self.dtype,
+                kernel_init=nn.initializers.zeros,
+                name='context_proj')(jnp.concatenate(branches, axis=-1))
+
+
+class DilatedSeparableConv(nn.Module):
+  """A 3x3 depthwise conv at a dilation rate (no bias), then a 1x1 pointwise conv with bias.
+
+  Used only on the stride-32 map, where the plain XLA form costs little on any backend."""
+  features: int
+  rate: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    depthwise = self.param('depthwise_kernel', _kernel_init, (3, 3, 1, cin))
+    pointwise = self.param('pointwise_kernel', _kernel_init, (1, 1, cin, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    x = x.astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x, depthwise.astype(self.dtype), (1, 1), 'SAME', rhs_dilation=(self.rate, self.rate),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=cin)
+    return ops.pointwise_conv(y, pointwise.astype(self.dtype)) + bias.astype(self.dtype)
+
 
 def _upsample2x(x):
   """Bilinear x2 upsampling of [B, H, W, C] (half-pixel centres, as jax.image.resize)."""
@@ -177,7 +221,7 @@ def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -
   return SepResFCN8(
       num_classes=num_outputs, widths=tuple(m.widths), head_width=m.head_width,
       block_depth=m.get('block_depth', 3), fine_skips=m.get('fine_skips', 0),
-      refine=m.get('refine', 0),
+      refine=m.get('refine', 0), context=m.get('context', 0),
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=ops.resolve_impl(m.impl),
       dtype=jnp.dtype(config.dtype), bn_axis_name=bn_axis_name)
 

@@ -142,3 +142,64 @@ def test_negative_refine_is_rejected():
   model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, refine=-1)
   with pytest.raises(ValueError, match='model.refine'):
     model.init(jax.random.key(0), jnp.ones((1, 64, 64, 3)))
+
+
+def test_context_module_starts_as_the_network_without_it_and_then_learns():
+  """model.context adds image pooling and two dilated separable convs on pool5, projected by a
+  zero-started 1x1 conv into conv7's pre-activation: at init the logits are unchanged; the
+  projection gets gradients at once, the branches once it has moved; every branch counts."""
+  kw = dict(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, impl='fast_cpu')
+  plain, wide = models.SepResFCN8(**kw), models.SepResFCN8(**kw, context=6)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
+  variables = wide.init(jax.random.key(0), x)
+  added = {'context_pool', 'context_d3', 'context_d6', 'context_d3_bn', 'context_d6_bn',
+           'context_proj'}
+  plain_vars = plain.init(jax.random.key(0), x)
+  assert set(variables['params']) - set(plain_vars['params']) == added
+  assert variables['params']['context_pool']['kernel'].shape == (1, 1, 16, 6)
+  assert variables['params']['context_d6']['depthwise_kernel'].shape == (3, 3, 1, 16)
+  assert variables['params']['context_proj']['kernel'].shape == (1, 1, 18, 32)
+  base = {'params': {k: v for k, v in variables['params'].items() if k not in added},
+          'batch_stats': {k: v for k, v in variables['batch_stats'].items()
+                          if not k.startswith('context')}}
+  np.testing.assert_array_equal(wide.apply(variables, x), plain.apply(base, x))
+
+  def loss(params, x=x):
+    y, _ = wide.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                      train=True, mutable=['batch_stats'])
+    return jnp.mean(y * jnp.arange(5.0))
+  grads = jax.grad(loss)(variables['params'])
+  assert float(jnp.abs(grads['context_proj']['kernel']).max()) > 0
+  assert float(jnp.abs(grads['context_d3']['pointwise_kernel']).max()) == 0  # Behind a zero conv.
+  moved = dict(variables['params'], context_proj={
+      'kernel': jax.random.normal(jax.random.key(2), (1, 1, 18, 32))})
+  # A larger input, so that the dilated taps reach inside the stride-32 map (4x6 here).
+  big = jax.random.normal(jax.random.key(3), (2, 128, 192, 3))
+  grads = jax.grad(loss)(moved, big)
+  for name in ('context_pool', 'context_d3', 'context_d6'):
+    for leaf in jax.tree.leaves(grads[name]):
+      assert float(jnp.abs(leaf).max()) > 0, name
+  for name in ('context_d3', 'context_d6'):
+    assert float(jnp.abs(grads[name]['depthwise_kernel']).max()) > 0, name
+  assert not np.allclose(wide.apply({'params': moved, 'batch_stats': variables['batch_stats']}, x),
+                         plain.apply(base, x))
+
+
+def test_context_dilated_conv_equals_a_dense_reference():
+  """The dilated depthwise+pointwise conv against a numpy loop over its nine taps."""
+  conv = models.DilatedSeparableConv(features=3, rate=2)
+  x = jax.random.normal(jax.random.key(0), (1, 7, 9, 4))
+  params = conv.init(jax.random.key(1), x)
+  got = np.asarray(conv.apply(params, x))
+  p = jax.tree.map(np.asarray, params['params'])
+  xp = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  dw = sum(xp[:, 2 * i:2 * i + 7, 2 * j:2 * j + 9] * p['depthwise_kernel'][i, j, 0]
+           for i in range(3) for j in range(3))
+  want = dw @ p['pointwise_kernel'][0, 0] + p['bias']
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_context_out_of_range_is_rejected():
+  model = models.SepResFCN8(num_classes=5, widths=(4, 8, 8, 16, 16), head_width=32, context=-1)
+  with pytest.raises(ValueError, match='model.context'):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
