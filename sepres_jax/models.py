@@ -67,10 +67,12 @@ class Upsample(nn.Module):
 
 
 class SeparableConv(nn.Module):
-  """Keras' SeparableConv2D: 3x3 depthwise (no bias) then 1x1 pointwise with bias, SAME."""
+  """Keras' SeparableConv2D: 3x3 depthwise (no bias, dilated by `rate`) then 1x1 pointwise with
+  bias, SAME."""
   features: int
   impl: str = 'xla'
   dtype: Any = jnp.float32
+  rate: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -79,7 +81,7 @@ class SeparableConv(nn.Module):
     pointwise = self.param('pointwise_kernel', _kernel_init, (1, 1, cin, self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
     x = x.astype(self.dtype)
-    y = ops.depthwise_conv3x3(x, depthwise.astype(self.dtype), self.impl)
+    y = ops.depthwise_conv3x3(x, depthwise.astype(self.dtype), self.impl, self.rate)
     return ops.pointwise_conv(y, pointwise.astype(self.dtype)) + bias.astype(self.dtype)
 
 
@@ -181,32 +183,11 @@ class SepResFCN8(nn.Module):
     g = nn.relu(Conv(f, 1, self.impl, dtype=self.dtype, name='context_pool')(g))
     branches = [jnp.broadcast_to(g, x.shape[:3] + (f,))]
     for rate in (3, 6):
-      z = DilatedSeparableConv(f, rate, self.dtype, name=f'context_d{rate}')(x)
+      z = SeparableConv(f, self.impl, self.dtype, rate, name=f'context_d{rate}')(x)
       branches.append(nn.relu(norm(f'context_d{rate}_bn')(z)))
     return Conv(self.head_width, 1, self.impl, use_bias=False, dtype=self.dtype,
                 kernel_init=nn.initializers.zeros,
                 name='context_proj')(jnp.concatenate(branches, axis=-1))
-
-
-class DilatedSeparableConv(nn.Module):
-  """A 3x3 depthwise conv at a dilation rate (no bias), then a 1x1 pointwise conv with bias.
-
-  Used only on the stride-32 map, where the plain XLA form costs little on any backend."""
-  features: int
-  rate: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    cin = x.shape[-1]
-    depthwise = self.param('depthwise_kernel', _kernel_init, (3, 3, 1, cin))
-    pointwise = self.param('pointwise_kernel', _kernel_init, (1, 1, cin, self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    x = x.astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-        x, depthwise.astype(self.dtype), (1, 1), 'SAME', rhs_dilation=(self.rate, self.rate),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=cin)
-    return ops.pointwise_conv(y, pointwise.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 def _upsample2x(x):

@@ -36,11 +36,14 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def depthwise_conv3x3(x, kernel, impl):
-  """3x3 depthwise convolution, stride 1, SAME padding. kernel: [3, 3, 1, C]."""
-  if impl == 'xla':
+def depthwise_conv3x3(x, kernel, impl, rate: int = 1):
+  """3x3 depthwise convolution, stride 1, SAME padding, dilated by `rate`. kernel: [3, 3, 1, C].
+
+  A dilated one (only the context module's, on the stride-32 map, where it costs little) is the
+  plain XLA convolution whatever `impl` says."""
+  if impl == 'xla' or rate != 1:
     return lax.conv_general_dilated(
-        x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC,
+        x, kernel, (1, 1), 'SAME', rhs_dilation=(rate, rate), dimension_numbers=_NHWC,
         feature_group_count=x.shape[-1])
   if impl == 'native_cpu' and x.dtype == kernel.dtype == jnp.float32:
     return _depthwise_native(x, kernel)
