@@ -85,6 +85,44 @@ class SeparableConv(nn.Module):
     return ops.pointwise_conv(y, pointwise.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+class BatchNormAct(nn.Module):
+  """BatchNorm (flax's nn.BatchNorm: the same variables and values) followed by `act` (None,
+  'relu' or 'elu'). With `fused`, training mode runs ops.batch_norm_act, whose gradient is
+  written out; the statistics and the normalisation are the same."""
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  act: Optional[str] = None
+  fused: bool = False
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,))
+    bias = self.param('bias', nn.initializers.zeros, (c,))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    axis_name = None if self.is_initializing() else self.axis_name
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    elif self.fused:
+      y, mean, var = ops.batch_norm_act(x, scale, bias, self.epsilon, self.act, axis_name)
+    else:
+      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      means = jnp.stack([jnp.mean(xf, (0, 1, 2)), jnp.mean(jnp.square(xf), (0, 1, 2))])
+      mean, mean2 = jax.lax.pmean(means, axis_name) if axis_name else means
+      var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+    if not self.use_running_average and not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    if self.use_running_average or not self.fused:
+      y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+      y = {'relu': nn.relu, 'elu': nn.elu, None: lambda v: v}[self.act](y.astype(self.dtype))
+    return y.astype(self.dtype)
+
+
 class ResidualBlock(nn.Module):
   """`depth` SeparableConv+BatchNorm+ELU (f_in, ..., f_in, f_out; the original has 3) plus a
   SeparableConv+BatchNorm shortcut, added, then ReLU."""
@@ -100,9 +138,9 @@ class ResidualBlock(nn.Module):
     y = x
     for i, f in enumerate((f_in,) * (self.depth - 1) + (self.features,)):
       y = SeparableConv(f, self.impl, self.dtype, name=f'sep{i + 1}')(y)
-      y = nn.elu(self.norm(name=f'bn{i + 1}')(y))
+      y = self.norm(f'bn{i + 1}', 'elu')(y)
     shortcut = SeparableConv(self.features, self.impl, self.dtype, name='shortcut')(x)
-    shortcut = self.norm(name='shortcut_bn')(shortcut)
+    shortcut = self.norm('shortcut_bn')(shortcut)
     return nn.relu(y + shortcut)
 
 
@@ -135,13 +173,14 @@ class SepResFCN8(nn.Module):
       raise ValueError(f'model.context must be 0 (off) or a channel count, got {self.context}')
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'input height and width must be divisible by 32, got {x.shape[1:3]}')
-    norm = lambda name: nn.BatchNorm(
+    norm = lambda name, act=None: BatchNormAct(
         use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-        dtype=self.dtype, axis_name=self.bn_axis_name if train else None, name=name)
+        act=act, fused=self.impl != 'xla', dtype=self.dtype,
+        axis_name=self.bn_axis_name if train else None, name=name)
     pool = lambda y: ops.max_pool2x2(y, self.impl)
 
     x = Conv(self.widths[0], 3, self.impl, dtype=self.dtype, name='stem')(x)
-    x = pool(nn.relu(norm('stem_bn')(x)))
+    x = pool(norm('stem_bn', 'relu')(x))
     taps = [x]
     for i, f in enumerate(self.widths[1:]):
       x = pool(ResidualBlock(f, norm, self.impl, self.dtype, self.block_depth,
@@ -170,7 +209,7 @@ class SepResFCN8(nn.Module):
       for name, tap in (('refine4', pool2), ('refine2', pool1)):
         z = jnp.concatenate([_upsample2x(z), tap.astype(z.dtype)], axis=-1)
         z = SeparableConv(self.refine, self.impl, self.dtype, name=name)(z)
-        z = nn.relu(norm(f'{name}_bn')(z))
+        z = norm(f'{name}_bn', 'relu')(z)
       z = Conv(c, 1, self.impl, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                name='refine_score')(z)
       y = y + _upsample2x(z)
@@ -184,7 +223,7 @@ class SepResFCN8(nn.Module):
     branches = [jnp.broadcast_to(g, x.shape[:3] + (f,))]
     for rate in (3, 6):
       z = SeparableConv(f, self.impl, self.dtype, rate, name=f'context_d{rate}')(x)
-      branches.append(nn.relu(norm(f'context_d{rate}_bn')(z)))
+      branches.append(norm(f'context_d{rate}_bn', 'relu')(z))
     return Conv(self.head_width, 1, self.impl, use_bias=False, dtype=self.dtype,
                 kernel_init=nn.initializers.zeros,
                 name='context_proj')(jnp.concatenate(branches, axis=-1))

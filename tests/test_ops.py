@@ -1,5 +1,6 @@
 """Each fast kernel equals the plain XLA one: values and gradients, to float tolerance."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,6 +128,70 @@ def test_max_pool2x2_ties_go_to_one_element():
   for impl in ops.IMPLS:
     g = jax.grad(lambda v: ops.max_pool2x2(v, impl).sum())(x)
     assert float(g.sum()) == 1.0
+
+
+@pytest.mark.parametrize('act', [None, 'relu', 'elu'])
+@pytest.mark.parametrize('fused', [False, True])
+def test_batch_norm_act_equals_flax_batch_norm(act, fused):
+  """BatchNormAct has nn.BatchNorm's variables, values, gradients and running averages, in
+  training mode (fused or not) and in evaluation mode (to the bit)."""
+  x = _rand(4, 6, 10, 5) * 3 + 1
+  cot = _rand(4, 6, 10, 5)
+  fn = {'relu': jax.nn.relu, 'elu': jax.nn.elu, None: lambda v: v}[act]
+  ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+  new = models.BatchNormAct(use_running_average=False, momentum=0.9, epsilon=1e-3, act=act,
+                            fused=fused)
+  variables = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, new.init(jax.random.key(0), x)) == jax.tree.map(
+      jnp.shape, variables)
+  variables = {'params': {'scale': _rand(5) + 1, 'bias': _rand(5)},
+               'batch_stats': {'mean': _rand(5), 'var': _rand(5) ** 2 + 0.5}}
+
+  def loss(module, post, params, x):
+    y, stats = module.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                            mutable=['batch_stats'])
+    return jnp.sum(post(y) * cot), stats
+
+  (l_ref, s_ref), g_ref = jax.value_and_grad(
+      lambda p, v: loss(ref, fn, p, v), argnums=(0, 1), has_aux=True)(variables['params'], x)
+  (l_new, s_new), g_new = jax.value_and_grad(
+      lambda p, v: loss(new, lambda v: v, p, v), argnums=(0, 1), has_aux=True)(
+          variables['params'], x)
+  np.testing.assert_allclose(l_new, l_ref, rtol=1e-5)
+  same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(same, s_new, s_ref)
+  jax.tree.map(same, g_new, g_ref)
+  assert float(jnp.abs(g_new[1]).max()) > 0.1  # Gradients flowed.
+
+  ref_eval = ref.clone(use_running_average=True).apply(variables, x)
+  new_eval = new.clone(use_running_average=True).apply(variables, x)
+  np.testing.assert_array_equal(new_eval, fn(ref_eval))
+
+
+@pytest.mark.parametrize('act', [None, 'elu'])
+def test_batch_norm_act_gradient_through_its_statistics(act):
+  """ops.batch_norm_act's written-out gradient equals autodiff of the same function, also through
+  the batch mean and variance it returns."""
+  x, scale, bias = _rand(3, 4, 6, 7) * 2 - 1, _rand(7) + 1, _rand(7)
+  cy, cm, cv = _rand(3, 4, 6, 7), _rand(7), _rand(7)
+
+  def plain(x, scale, bias):
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(x * x, (0, 1, 2)) - mean ** 2)
+    z = (x - mean) * (jax.lax.rsqrt(var + 1e-3) * scale) + bias
+    return (jax.nn.elu(z) if act else z), mean, var
+
+  def loss(f, *a):
+    y, mean, var = f(*a)
+    return jnp.sum(y * cy) + jnp.sum(mean * cm) + jnp.sum(var * cv)
+
+  fused = lambda *a: ops.batch_norm_act(*a, 1e-3, act)
+  for f in (plain, fused):  # Both orders of evaluation, jitted.
+    np.testing.assert_allclose(jax.jit(lambda *a: f(*a)[0])(x, scale, bias),
+                               plain(x, scale, bias)[0], rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, scale, bias)
+  g_fused = jax.jit(jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2)))(x, scale, bias)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_fused, g)
 
 
 def test_whole_network_same_in_both_impls():
