@@ -1,15 +1,22 @@
 """The whole train step (forward and backward) of each `model.impl`, timed in turns in one process.
 
     python benchmarks/ab_impls.py --batch=32 --rounds=6 --impls=fast_cpu,native_cpu
+    python benchmarks/ab_impls.py --batch=32 --rounds=16 --impls=native_cpu --against=HEAD~1
 
 An A/B in one process: every round runs each impl's compiled step once, so a change in this shared
 machine's load hits them alike; prints the median seconds per step and each impl's speed relative
-to the first. The network is configs/seed.py's (224x224, 12 outputs), on random data.
+to the first. With --against=REV each impl also runs as that git revision's sepres_jax (its
+package extracted by `git archive` and imported beside this one), listed first, so that a change
+is timed against the code before it. The network is configs/seed.py's (224x224, 12 outputs), on
+random data.
 """
 
 import argparse
+import importlib
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,8 +28,26 @@ import numpy as np
 from sepres_jax import models
 
 
-def compiled_step(impl, images, labels):
-  model = models.SepResFCN8(num_classes=12, impl=impl)
+def package_at(rev, into):
+  """The models module of git revision `rev`'s sepres_jax, imported from a copy under `into`."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  archive = subprocess.run(['git', 'archive', rev, 'sepres_jax'], cwd=root, check=True,
+                           capture_output=True).stdout
+  subprocess.run(['tar', '-x', '-C', into], input=archive, check=True)
+  ours = {k: sys.modules.pop(k) for k in list(sys.modules)
+          if k == 'sepres_jax' or k.startswith('sepres_jax.')}
+  sys.path.insert(0, into)
+  try:
+    return importlib.import_module('sepres_jax.models')
+  finally:
+    sys.path.remove(into)
+    for k in [k for k in sys.modules if k == 'sepres_jax' or k.startswith('sepres_jax.')]:
+      del sys.modules[k]
+    sys.modules.update(ours)
+
+
+def compiled_step(impl, images, labels, network=models):
+  model = network.SepResFCN8(num_classes=12, impl=impl)
   variables = model.init(jax.random.key(2), images[:1])
 
   def loss(params, batch_stats, images, labels):
@@ -43,11 +68,18 @@ def main():
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--rounds', type=int, default=6)
   parser.add_argument('--impls', default='fast_cpu,native_cpu')
+  parser.add_argument('--against', default='', help='a git revision to time each impl against')
   args = parser.parse_args()
-  impls = args.impls.split(',')
   images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
   labels = jax.random.randint(jax.random.key(1), (args.batch, args.size, args.size), 0, 12)
-  steps = {impl: compiled_step(impl, images, labels) for impl in impls}
+  steps = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    old = package_at(args.against, tmp) if args.against else None
+    for impl in args.impls.split(','):
+      if old:
+        steps[f'{impl}@{args.against}'] = compiled_step(impl, images, labels, old)
+      steps[impl] = compiled_step(impl, images, labels)
+  impls = list(steps)
   times = {impl: [] for impl in impls}
   for _ in range(args.rounds):
     for impl, run in steps.items():
@@ -58,7 +90,7 @@ def main():
   print(f'batch {args.batch}, {args.size}x{args.size}, median of {args.rounds} rounds')
   for impl in impls:
     t = float(np.median(times[impl]))
-    print(f'{impl:<12} {t:.3f} s/step  {args.batch / t:6.1f} img/s  {base / t:.3f}x')
+    print(f'{impl:<24} {t:.3f} s/step  {args.batch / t:6.1f} img/s  {base / t:.3f}x')
 
 
 if __name__ == '__main__':
