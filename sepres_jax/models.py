@@ -110,16 +110,13 @@ class BatchNormAct(nn.Module):
     elif self.fused:
       y, mean, var = ops.batch_norm_act(x, scale, bias, self.epsilon, self.act, axis_name)
     else:
-      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-      means = jnp.stack([jnp.mean(xf, (0, 1, 2)), jnp.mean(jnp.square(xf), (0, 1, 2))])
-      mean, mean2 = jax.lax.pmean(means, axis_name) if axis_name else means
-      var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+      mean, var = ops.batch_stats(x, axis_name)
     if not self.use_running_average and not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     if self.use_running_average or not self.fused:
-      y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-      y = {'relu': nn.relu, 'elu': nn.elu, None: lambda v: v}[self.act](y.astype(self.dtype))
+      y = ops.normalize(x, mean, var, scale, bias, self.epsilon)
+      y = ops.activate(y.astype(self.dtype), self.act)
     return y.astype(self.dtype)
 
 

@@ -295,24 +295,35 @@ _max_pool2x2_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 
+def batch_stats(x, axis_name=None):
+  """(mean, var) of x over all axes but the last, as flax's BatchNorm computes them: in float32,
+  E[x^2] - E[x]^2 clipped at zero, averaged over `axis_name`'s devices too under pmap."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  means = jnp.stack([jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)])
+  mean, mean2 = lax.pmean(means, axis_name) if axis_name else means
+  return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
+
+
+def normalize(x, mean, var, scale, bias, epsilon: float):
+  """BatchNorm's affine normalisation, in flax's order of operations (so the values match)."""
+  return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+
+
+def activate(z, act):
+  """None, 'relu' or 'elu' (the model's activations after BatchNorm)."""
+  return {'relu': jax.nn.relu, 'elu': jax.nn.elu, None: lambda v: v}[act](z)
+
+
 def batch_norm_act(x, scale, bias, epsilon: float, act, axis_name=None):
   """Training-mode BatchNorm over all axes but the last, then `act` (None, 'relu' or 'elu').
 
-  Returns (y, mean, var): the batch statistics (float32; over `axis_name`'s devices too, under
-  pmap) are flax BatchNorm's, E[x^2] - E[x]^2 clipped at zero, for the running averages. The
+  Returns (y, mean, var), the batch statistics being batch_stats' (for the running averages). The
   gradient is written out (`_bn_act_bwd`): autodiff of the normalisation and the activation made
   XLA's CPU backend pass over the activations several times; this is two passes, one for the two
   per-channel sums and one for dx (1.8x faster forward and backward alone at 32x112x112x32).
   """
   return _bn_act(x, scale, bias, epsilon, act, axis_name)
-
-
-def _activate(z, act):
-  if act == 'relu':
-    return jnp.maximum(z, 0)
-  if act == 'elu':
-    return jnp.where(z > 0, z, jnp.expm1(jnp.minimum(z, 0)))
-  return z
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -321,27 +332,21 @@ def _bn_act(x, scale, bias, epsilon, act, axis_name):
 
 
 def _bn_act_fwd(x, scale, bias, epsilon, act, axis_name):
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  axes = tuple(range(x.ndim - 1))
-  means = jnp.stack([jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)])
-  mean, mean2 = lax.pmean(means, axis_name) if axis_name else means
-  var = jnp.maximum(0.0, mean2 - jnp.square(mean))
-  mul = lax.rsqrt(var + epsilon) * scale  # flax's order of operations, so the values match.
-  y = _activate((xf - mean) * mul + bias, act).astype(x.dtype)
+  mean, var = batch_stats(x, axis_name)
+  y = activate(normalize(x, mean, var, scale, bias, epsilon), act).astype(x.dtype)
   return (y, mean, var), (x, y if act else None, mean, var, scale)
 
 
 def _bn_act_bwd(epsilon, act, axis_name, res, cts):
   x, y, mean, var, scale = res
   gy, gmean, gvar = cts
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  gz = gy.astype(xf.dtype)
+  gz = gy.astype(mean.dtype)
   if act == 'relu':
     gz = jnp.where(y > 0, gz, 0)
   elif act == 'elu':
-    gz = jnp.where(y > 0, gz, gz * (y.astype(xf.dtype) + 1))  # elu'(z) = exp(z) = y + 1 below 0.
+    gz = jnp.where(y > 0, gz, gz * (y + 1))  # elu'(z) = exp(z) = y + 1 below 0.
   inv = lax.rsqrt(var + epsilon)
-  xhat = (xf - mean) * inv
+  xhat = (x - mean) * inv
   axes = tuple(range(x.ndim - 1))
   dbias = jnp.sum(gz, axes)
   dscale = jnp.sum(gz * xhat, axes)
@@ -351,7 +356,7 @@ def _bn_act_bwd(epsilon, act, axis_name, res, cts):
   n = x.size // x.shape[-1]
   means = jnp.stack([dbias, dscale, gmean, gvar]) / n
   m_g, m_gx, m_mean, m_var = lax.pmean(means, axis_name) if axis_name else means
-  dx = (scale * inv) * (gz - m_g - xhat * m_gx) + m_mean + 2 * m_var * (xf - mean)
+  dx = (scale * inv) * (gz - m_g - xhat * m_gx) + m_mean + 2 * m_var * (x - mean)
   return dx.astype(x.dtype), dscale, dbias
 
 
