@@ -294,7 +294,6 @@ def _max_pool_bwd(where, g):
 _max_pool2x2_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-
 def batch_stats(x, axis_name=None):
   """(mean, var) of x over all axes but the last, as flax's BatchNorm computes them: in float32,
   E[x^2] - E[x]^2 clipped at zero, averaged over `axis_name`'s devices too under pmap."""
