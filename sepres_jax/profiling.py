@@ -24,7 +24,7 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', r
 _NETWORK = models.SepResFCN8.__name__  # Scopes read SepResFCN8/... or, traced, jvp(SepResFCN8)/...
 _LAYER = re.compile(re.escape(_NETWORK) + r'\)*/(\w+)/')  # A named submodule: stem, conv6, ...
 TOP_LEVEL = 'pool/relu/add'  # The network's own operations between its submodules.
-_LOSS_WORDS = ('log_softmax', 'take_along_axis', 'cross_entropy', 'logsumexp')
+_LOSS_WORDS = ('log_softmax', 'take_along_axis', 'cross_entropy', 'logsumexp', 'lovasz')
 
 
 def op_layers(hlo_text: str) -> dict[str, str]:

@@ -27,6 +27,7 @@ from sepres_jax import guards
 from sepres_jax import input_pipeline
 from sepres_jax import metrics
 from sepres_jax import models
+from sepres_jax import ops
 from sepres_jax import verify
 
 PMAP_AXIS = 'batch'
@@ -151,11 +152,12 @@ def create_train_state(config, model, rng, mesh, total_steps: Optional[int] = No
 
 def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float = 0.0,
                lovasz_weight: float = 0.0, distill_weight: float = 0.0,
-               axis_name: Optional[str] = None):
+               lovasz_native: bool = False, axis_name: Optional[str] = None):
   """One RMSprop step on the mean loss over all counted pixels of the global batch.
 
   With `lovasz_weight`, the mean per-image Lovasz-softmax loss times it is added to the
-  cross-entropy; with `distill_weight` (and the batch's 'soft' targets), the mean cross-entropy
+  cross-entropy (`lovasz_native`: its compiled kernel, see metrics.lovasz_softmax); with
+  `distill_weight` (and the batch's 'soft' targets), the mean cross-entropy
   against the teacher's probabilities times it. The step's 'loss_sum' stays the cross-entropy's
   with the labels (train_loss in the history).
   """
@@ -170,7 +172,8 @@ def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float
     # Dividing by the global weight makes the summed per-device gradients the global gradient.
     loss = loss_sum / jnp.maximum(total(weight), 1.0)
     if lovasz_weight:
-      lovasz_sum, images = metrics.lovasz_softmax(logits, batch['label'])
+      lovasz_sum, images = metrics.lovasz_softmax(logits, batch['label'],
+                                                  use_native=lovasz_native)
       loss += lovasz_weight * lovasz_sum / jnp.maximum(total(images), 1.0)
     if distill_weight:
       soft_sum, pixels = distill.soft_cross_entropy(logits, batch[distill.SOFT_KEY],
@@ -227,18 +230,21 @@ class Stepper:
     w = None if weights is None else jnp.asarray(weights)
     ls = float(config.label_smoothing)
     lw = float(config.lovasz_weight)
+    # The Lovasz loss's compiled kernel goes with the network's (model.impl 'native_cpu').
+    ln = bool(lw) and ops.resolve_impl(config.model.impl) == 'native_cpu'
     dw = float(config.distill.weight) if distill.enabled(config) else 0.0
     self.keys = ('image', 'label', distill.SOFT_KEY) if dw else ('image', 'label')
     if self.mode == 'jit':
       self.train = jax.jit(functools.partial(train_step, weights=w, label_smoothing=ls,
-                                             lovasz_weight=lw, distill_weight=dw),
+                                             lovasz_weight=lw, distill_weight=dw,
+                                             lovasz_native=ln),
                            donate_argnums=0, out_shardings=(self.replicated, self.replicated))
       self.eval = jax.jit(functools.partial(eval_step, weights=w),
                           out_shardings=self.replicated)
     elif self.mode == 'pmap':
       self.train = jax.pmap(
           functools.partial(train_step, weights=w, label_smoothing=ls, lovasz_weight=lw,
-                            distill_weight=dw, axis_name=PMAP_AXIS),
+                            distill_weight=dw, lovasz_native=ln, axis_name=PMAP_AXIS),
           axis_name=PMAP_AXIS, donate_argnums=0, devices=mesh.devices.flat)
       self.eval = jax.pmap(functools.partial(eval_step, weights=w, axis_name=PMAP_AXIS),
                            axis_name=PMAP_AXIS, devices=mesh.devices.flat)

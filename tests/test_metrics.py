@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sepres_jax import metrics
+from sepres_jax import native
 
 # 2x3 labels with void (3) and padding (-1); 3 real classes.
 LABELS = np.array([[0, 1, 2], [3, -1, 1]])
@@ -160,6 +161,58 @@ def test_lovasz_softmax_of_certain_predictions_is_one_minus_the_iou():
     ious = [s['iou'] for s in metrics.scores_from_confusion(cm)['per_class']]
     want += np.mean([1 - iou for c, iou in enumerate(ious) if (labels[i] == c).any()])
   assert float(metrics.lovasz_softmax(logits, jnp.asarray(labels))[0]) == pytest.approx(want, 1e-5)
+
+
+needs_native = pytest.mark.skipif(not native.available()[0], reason='compiled kernels unavailable')
+
+
+def _lovasz_labels(rng, shape, k):
+  labels = rng.integers(-1, k + 1, shape)  # -1 padding and k (void) do not count.
+  labels[-1] = k  # An image without a counted pixel.
+  labels[0][labels[0] == 1] = 0  # A class absent from an image.
+  return jnp.asarray(labels, jnp.int32)
+
+
+@needs_native
+@pytest.mark.parametrize('bins', [metrics.LOVASZ_BINS, metrics.NATIVE_MAX_BINS])
+def test_lovasz_native_equals_the_xla_form(bins):
+  """The compiled kernel: the XLA form's loss, image count and gradient, jitted."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(3, 24, 32, 6)) * 3, jnp.float32)
+  labels = _lovasz_labels(rng, (3, 24, 32), 6)
+
+  def run(use_native):
+    f = lambda x: metrics.lovasz_softmax(x, labels, bins, use_native=use_native)
+    value, images = jax.jit(f)(logits)
+    grad = jax.jit(jax.grad(lambda x: f(x)[0]))(logits)
+    return float(value), float(images), np.asarray(grad)
+
+  value, images, grad = run(True)
+  want_value, want_images, want_grad = run(False)
+  assert images == want_images == 2
+  assert value == pytest.approx(want_value, rel=1e-6)
+  # A pixel whose error sits on a bin's edge may land in the next bin when the two softmaxes
+  # differ in the last bit, moving its weight by a small fraction of the largest.
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-4 * np.abs(want_grad).max())
+  assert not np.any(grad[np.asarray(labels) == 6]) and not np.any(grad[np.asarray(labels) < 0])
+  assert not np.any(grad[-1])
+
+
+@needs_native
+def test_lovasz_native_keeps_the_logits_dtype_and_falls_back_above_its_bins():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.bfloat16)
+  labels = jnp.asarray(rng.integers(0, 4, (2, 8, 8)), jnp.int32)
+  grad = jax.grad(lambda x: metrics.lovasz_softmax(x, labels, use_native=True)[0])(logits)
+  want = jax.grad(lambda x: metrics.lovasz_softmax(x, labels)[0])(logits)
+  assert grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(grad.astype(np.float32), want.astype(np.float32), rtol=0.05,
+                             atol=0.01 * float(jnp.abs(want.astype(jnp.float32)).max()))
+  # More bins than the kernel's histograms hold: the XLA form, the same value.
+  big = metrics.NATIVE_MAX_BINS * 2
+  x = logits.astype(jnp.float32)
+  assert float(metrics.lovasz_softmax(x, labels, big, use_native=True)[0]) == float(
+      metrics.lovasz_softmax(x, labels, big)[0])
 
 
 def test_format_table_lists_every_class():

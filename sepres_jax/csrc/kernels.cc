@@ -1,5 +1,6 @@
-// 3x3 depthwise convolution (stride 1, SAME) and its kernel gradient, and the kernel gradient of a
-// small dense convolution (the stem's), float32 NHWC, as XLA FFI handlers for the CPU backend. sepres_jax/native.py builds this file with the system C++ compiler
+// 3x3 depthwise convolution (stride 1, SAME) and its kernel gradient, the kernel gradient of a
+// small dense convolution (the stem's), float32 NHWC, and the per-image Lovasz-softmax loss with
+// its gradient, as XLA FFI handlers for the CPU backend. sepres_jax/native.py builds this file with the system C++ compiler
 // at first use and registers the handlers; ops.py calls them through jax.ffi.ffi_call.
 //
 // The work is split into tasks of whole rows of one image, spread over XLA's intra-op thread pool;
@@ -7,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -223,6 +225,117 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
+// The Lovasz-softmax loss of one image (metrics.lovasz_softmax's histogram form) and its gradient
+// with respect to the logits. z: [pixels, k] logits, labels: [pixels] (counted where 0 <= label <
+// k). Pass 1 writes the softmax into grad and fills each class's histograms of the errors
+// |[label = c] - p_c| (bin 0 the largest: rank = bins - 1 - floor(error * bins)); the bins' Jaccard
+// increments follow exactly as metrics._lovasz_weights forms them (integer counts, float32
+// arithmetic in the same order); pass 2 sums error * weight per class and replaces each counted
+// pixel's probabilities with d(loss)/d(logits): dp_c = -sign([label = c] - p_c) * weight /
+// present classes for the classes present, then the softmax's backward pass.
+void LovaszImage(const float* z, const int32_t* labels, int64_t pixels, int64_t k, int64_t bins,
+                 float* grad, float* loss, float* counted) {
+  std::vector<int32_t> count(k * bins, 0), hits(k * bins, 0);
+  auto rank_of = [bins](float error) {
+    int64_t b = static_cast<int64_t>(error * static_cast<float>(bins));
+    return bins - 1 - std::min<int64_t>(std::max<int64_t>(b, 0), bins - 1);
+  };
+  for (int64_t i = 0; i < pixels; ++i) {
+    const float* zi = z + i * k;
+    float* p = grad + i * k;
+    const int32_t label = labels[i];
+    if (label < 0 || label >= k) {
+      std::fill(p, p + k, 0.0f);
+      continue;
+    }
+    float top = zi[0];
+    for (int64_t c = 1; c < k; ++c) top = std::max(top, zi[c]);
+    float sum = 0.0f;
+    for (int64_t c = 0; c < k; ++c) sum += (p[c] = std::exp(zi[c] - top));
+    for (int64_t c = 0; c < k; ++c) p[c] /= sum;
+    for (int64_t c = 0; c < k; ++c) {
+      const bool fg = c == label;
+      const int64_t at = c * bins + rank_of(std::fabs((fg ? 1.0f : 0.0f) - p[c]));
+      ++count[at];
+      hits[at] += fg;
+    }
+  }
+  std::vector<float> steps(k * bins, 0.0f);
+  std::vector<char> present(k, 0);
+  int64_t num_present = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    int64_t total = 0;
+    for (int64_t r = 0; r < bins; ++r) total += hits[c * bins + r];
+    if (total == 0) continue;
+    present[c] = 1;
+    ++num_present;
+    int64_t cum_hits = 0, cum_misses = 0;
+    float previous = 0.0f;
+    for (int64_t r = 0; r < bins; ++r) {
+      const int64_t at = c * bins + r;
+      cum_hits += hits[at];
+      cum_misses += count[at] - hits[at];
+      const float intersection = static_cast<float>(total - cum_hits);
+      const float union_ = static_cast<float>(total + cum_misses);
+      const float jaccard = 1.0f - intersection / std::max(union_, 1.0f);
+      steps[at] = (jaccard - previous) / std::max(static_cast<float>(count[at]), 1.0f);
+      previous = jaccard;
+    }
+  }
+  if (num_present == 0) {
+    std::fill(grad, grad + pixels * k, 0.0f);
+    *loss = 0.0f;
+    *counted = 0.0f;
+    return;
+  }
+  const float inv_present = 1.0f / static_cast<float>(num_present);
+  std::vector<double> per_class(k, 0.0);
+  std::vector<float> dp(k);
+  for (int64_t i = 0; i < pixels; ++i) {
+    const int32_t label = labels[i];
+    if (label < 0 || label >= k) continue;
+    float* p = grad + i * k;
+    float dot = 0.0f;
+    for (int64_t c = 0; c < k; ++c) {
+      dp[c] = 0.0f;
+      if (!present[c]) continue;
+      const float diff = (c == label ? 1.0f : 0.0f) - p[c];
+      const float error = std::fabs(diff);
+      const float weight = steps[c * bins + rank_of(error)];
+      per_class[c] += static_cast<double>(error * weight);
+      dp[c] = (diff > 0.0f ? -weight : diff < 0.0f ? weight : 0.0f) * inv_present;
+      dot += p[c] * dp[c];
+    }
+    for (int64_t c = 0; c < k; ++c) p[c] *= dp[c] - dot;
+  }
+  double total = 0.0;
+  for (int64_t c = 0; c < k; ++c) total += present[c] ? static_cast<float>(per_class[c]) : 0.0;
+  *loss = static_cast<float>(total / static_cast<double>(num_present));
+  *counted = 1.0f;
+}
+
+ffi::Error LovaszSoftmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::S32> labels,
+                         int64_t bins, ffi::ResultBuffer<ffi::F32> loss,
+                         ffi::ResultBuffer<ffi::F32> counted, ffi::ResultBuffer<ffi::F32> grad) {
+  const auto zd = z.dimensions(), ld = labels.dimensions();
+  if (zd.size() != 3 || ld.size() != 2 || ld[0] != zd[0] || ld[1] != zd[1] || bins < 1 ||
+      grad->element_count() != z.element_count() || loss->element_count() != zd[0]) {
+    return ffi::Error::InvalidArgument(
+        "sepres lovasz: z [N,P,K], labels [N,P], bins >= 1, grad like z, loss and counted [N]");
+  }
+  const int64_t n = zd[0], pixels = zd[1], k = zd[2];
+  const float* zp = z.typed_data();
+  const int32_t* lp = labels.typed_data();
+  float* gp = grad->typed_data();
+  float* lo = loss->typed_data();
+  float* co = counted->typed_data();
+  ParallelFor(pool, n, [&](int64_t i) {
+    LovaszImage(zp + i * pixels * k, lp + i * pixels, pixels, k, bins, gp + i * pixels * k,
+                lo + i, co + i);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDepthwise3x3, Depthwise3x3,
@@ -244,4 +357,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDenseKernelGrad, DenseKernelGrad,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresLovaszSoftmax, LovaszSoftmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("bins")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
