@@ -95,7 +95,7 @@ def lovasz_softmax(logits, labels, bins: int = LOVASZ_BINS, use_native: bool = F
   With `use_native` (model.impl 'native_cpu'; up to NATIVE_MAX_BINS bins) the compiled kernel
   (sepres_jax/native.py) computes the loss and its gradient in two passes over the logits per
   image, with the same histograms and Jaccard increments; the XLA form's softmax, histograms,
-  gathers and autodiff make many more (0.5-0.6 s of a camvid_best step at batch 8 here).
+  gathers and autodiff make many more (0.30 against 0.10 s at 8x352x480x11 here).
   """
   if use_native and bins <= NATIVE_MAX_BINS:
     return _lovasz_native(logits, labels, bins)

@@ -7,7 +7,8 @@ the XLA FFI (`jax.ffi.ffi_call`); its forward pass is fast_cpu's, so inference, 
 exported models are unchanged. `model.impl='auto'` takes native_cpu on CPU when the kernels build,
 and fast_cpu when they do not (no compiler): `available()` says which and why. With native_cpu the
 Lovasz-softmax loss (`lovasz_weight`) is also compiled: its loss and gradient in two passes per
-image, where XLA's histogram form made many (a camvid_best train step 1.5x faster).
+image, where XLA's histogram form made many (2.8x faster alone, the shipped network's train step
+1.07-1.08x; benchmarks/lovasz_ab.py).
 
 The shared library is cached under $SEPRES_JAX_CACHE (default ~/.cache/sepres_jax), keyed by the
 source, jax's version and this CPU's instruction-set flags (it is built with -march=native).
