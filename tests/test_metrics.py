@@ -213,6 +213,9 @@ def test_lovasz_native_keeps_the_logits_dtype_and_falls_back_above_its_bins():
   x = logits.astype(jnp.float32)
   assert float(metrics.lovasz_softmax(x, labels, big, use_native=True)[0]) == float(
       metrics.lovasz_softmax(x, labels, big)[0])
+  # Non-finite logits give a non-finite loss (for the training guards), not a wild bin.
+  bad = x.at[0, 3, 3, 1].set(jnp.nan)
+  assert not np.isfinite(float(metrics.lovasz_softmax(bad, labels, use_native=True)[0]))
 
 
 def test_format_table_lists_every_class():

@@ -236,9 +236,14 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 void LovaszImage(const float* z, const int32_t* labels, int64_t pixels, int64_t k, int64_t bins,
                  float* grad, float* loss, float* counted) {
   std::vector<int32_t> count(k * bins, 0), hits(k * bins, 0);
+  // Clipped before the cast, so that a NaN error (non-finite logits, which the loss then reports)
+  // takes bin 0 instead of an undefined conversion.
   auto rank_of = [bins](float error) {
-    int64_t b = static_cast<int64_t>(error * static_cast<float>(bins));
-    return bins - 1 - std::min<int64_t>(std::max<int64_t>(b, 0), bins - 1);
+    const float scaled = error * static_cast<float>(bins);
+    const int64_t b = scaled >= static_cast<float>(bins - 1) ? bins - 1
+                      : scaled >= 1.0f                          ? static_cast<int64_t>(scaled)
+                                                                : 0;
+    return bins - 1 - b;
   };
   for (int64_t i = 0; i < pixels; ++i) {
     const float* zi = z + i * k;
