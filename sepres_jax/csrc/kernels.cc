@@ -1,10 +1,12 @@
 // 3x3 depthwise convolution (stride 1, SAME) and its kernel gradient, the kernel gradient of a
 // small dense convolution (the stem's), float32 NHWC, and the per-image Lovasz-softmax loss with
-// its gradient, as XLA FFI handlers for the CPU backend. sepres_jax/native.py builds this file with the system C++ compiler
-// at first use and registers the handlers; ops.py calls them through jax.ffi.ffi_call.
+// its gradient, as XLA FFI handlers for the CPU backend. sepres_jax/native.py builds this file
+// with the system C++ compiler at first use and registers the handlers; ops.py and metrics.py
+// call them through jax.ffi.ffi_call.
 //
-// The work is split into tasks of whole rows of one image, spread over XLA's intra-op thread pool;
-// the calling thread takes tasks too, so the call finishes even when the pool runs nothing.
+// The work is split into tasks (whole rows of one image; the Lovasz kernel's, whole images),
+// spread over XLA's intra-op thread pool; the calling thread takes tasks too, so the call
+// finishes even when the pool runs nothing.
 
 #include <algorithm>
 #include <atomic>
