@@ -117,7 +117,7 @@ def benchmark(config) -> int:
       'infer_images_per_sec': round(infer_ips, 2),
       'train_compile_sec': round(train_compile, 2),
       'infer_compile_sec': round(infer_compile, 2),
-      'train_gflops_per_image': round(flops_per_image / 1e9, 3),
+      'train_gflops_per_image': float(f'{flops_per_image / 1e9:.4g}'),  # 4 digits, tiny too.
       'achieved_gflops_per_sec': round(achieved / 1e9, 1),
       'matmul_gflops_per_sec': round(peak / 1e9, 1),
       'flops_fraction_of_matmul': round(achieved / peak, 4),
