@@ -8,7 +8,10 @@ machine's load hits them alike; prints the median seconds per step and each impl
 to the first. With --against=REV each impl also runs as that git revision's sepres_jax (its
 package extracted by `git archive` and imported beside this one), listed first, so that a change
 is timed against the code before it. The network is configs/seed.py's (224x224, 12 outputs), on
-random data.
+random data; `--shipped` takes the shipped weights' network instead (the 24-192 encoder, a 512
+head, fine skips, 11 outputs) at camvid_best's 352x480 crops (`--batch=8` is its batch):
+
+    python benchmarks/ab_impls.py --shipped --batch=8 --rounds=8 --impls=native_cpu --against=HEAD~1
 """
 
 import argparse
@@ -20,11 +23,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sepres_jax import hugepages  # pylint: disable=g-import-not-at-top
+
+if __name__ == '__main__':
+  hugepages.reexec_if_needed(sys.argv)  # As main.py: large buffers on huge pages (before jax).
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
+from sepres_jax import metrics
 from sepres_jax import models
 
 
@@ -34,6 +42,14 @@ def package_at(rev, into):
   archive = subprocess.run(['git', 'archive', rev, 'sepres_jax'], cwd=root, check=True,
                            capture_output=True).stdout
   subprocess.run(['tar', '-x', '-C', into], input=archive, check=True)
+  # Its compiled kernels register under other FFI names: XLA refuses a second library's handler
+  # under a name this checkout's kernels already hold.
+  native_py = os.path.join(into, 'sepres_jax', 'native.py')
+  if os.path.exists(native_py):
+    with open(native_py) as f:
+      text = f.read()
+    with open(native_py, 'w') as f:
+      f.write(text.replace("'sepres_", "'rev_sepres_"))
   ours = {k: sys.modules.pop(k) for k in list(sys.modules)
           if k == 'sepres_jax' or k.startswith('sepres_jax.')}
   sys.path.insert(0, into)
@@ -46,15 +62,18 @@ def package_at(rev, into):
     sys.modules.update(ours)
 
 
-def compiled_step(impl, images, labels, network=models):
-  model = network.SepResFCN8(num_classes=12, impl=impl)
+SHIPPED = dict(num_classes=11, widths=(24, 48, 96, 144, 192), head_width=512, fine_skips=2)
+
+
+def compiled_step(impl, images, labels, network=models, **net):
+  model = network.SepResFCN8(impl=impl, **{'num_classes': 12, **net})
   variables = model.init(jax.random.key(2), images[:1])
 
   def loss(params, batch_stats, images, labels):
     logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                             mutable=['batch_stats'])
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
+    total, count = metrics.cross_entropy(logits, labels)  # The train step's loss and gradient.
+    return total / count
 
   args = (variables['params'], variables['batch_stats'], images, labels)
   step = jax.jit(jax.grad(loss)).lower(*args).compile()
@@ -66,19 +85,24 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--shipped', action='store_true',
+                      help="the shipped network at 352x480 (--size is then ignored)")
   parser.add_argument('--rounds', type=int, default=6)
   parser.add_argument('--impls', default='fast_cpu,native_cpu')
   parser.add_argument('--against', default='', help='a git revision to time each impl against')
   args = parser.parse_args()
-  images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
-  labels = jax.random.randint(jax.random.key(1), (args.batch, args.size, args.size), 0, 12)
+  net = SHIPPED if args.shipped else {}
+  h, w = (352, 480) if args.shipped else (args.size, args.size)
+  images = jax.random.normal(jax.random.key(0), (args.batch, h, w, 3))
+  labels = jax.random.randint(jax.random.key(1), (args.batch, h, w), 0,
+                              net.get('num_classes', 12))
   steps = {}
   with tempfile.TemporaryDirectory() as tmp:
     old = package_at(args.against, tmp) if args.against else None
     for impl in args.impls.split(','):
       if old:
-        steps[f'{impl}@{args.against}'] = compiled_step(impl, images, labels, old)
-      steps[impl] = compiled_step(impl, images, labels)
+        steps[f'{impl}@{args.against}'] = compiled_step(impl, images, labels, old, **net)
+      steps[impl] = compiled_step(impl, images, labels, **net)
   impls = list(steps)
   times = {impl: [] for impl in impls}
   for _ in range(args.rounds):
@@ -87,7 +111,8 @@ def main():
       run()
       times[impl].append(time.perf_counter() - start)
   base = float(np.median(times[impls[0]]))
-  print(f'batch {args.batch}, {args.size}x{args.size}, median of {args.rounds} rounds')
+  print(f"{'shipped' if args.shipped else 'seed'} network, batch {args.batch}, {h}x{w}, "
+        f'median of {args.rounds} rounds')
   for impl in impls:
     t = float(np.median(times[impl]))
     print(f'{impl:<24} {t:.3f} s/step  {args.batch / t:6.1f} img/s  {base / t:.3f}x')
