@@ -3,12 +3,7 @@
 import os
 import sys
 
-if __name__ == '__main__':
-  # Before jax is imported: glibc reads its malloc tunables only when a process starts.
-  from sepres_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_if_needed(sys.argv)
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -43,7 +38,6 @@ def main(argv):
   from sepres_jax import cli  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  logging.info('GLIBC_TUNABLES=%s', os.environ.get('GLIBC_TUNABLES', ''))
   return cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, verbose=FLAGS.verbose)
 
 

@@ -15,10 +15,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sepres_jax import hugepages  # pylint: disable=g-import-not-at-top
-
-if __name__ == '__main__':
-  hugepages.reexec_if_needed(sys.argv)  # As main.py: large buffers on huge pages (before jax).
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
