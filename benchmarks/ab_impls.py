@@ -8,8 +8,8 @@ machine's load hits them alike; prints the median seconds per step and each impl
 to the first. With --against=REV each impl also runs as that git revision's sepres_jax (its
 package extracted by `git archive` and imported beside this one), listed first, so that a change
 is timed against the code before it. The network is configs/seed.py's (224x224, 12 outputs), on
-random data; `--shipped` takes the shipped weights' network instead (the 24-192 encoder, a 512
-head, fine skips, 11 outputs) at camvid_best's 352x480 crops (`--batch=8` is its batch):
+random data; `--shipped` takes the shipped weights' network instead, at the size of its training
+crops (both read from pretrained/camvid_sepres_w192_h512/config.py; `--batch=8` is its batch):
 
     python benchmarks/ab_impls.py --shipped --batch=8 --rounds=8 --impls=native_cpu --against=HEAD~1
 """
@@ -25,11 +25,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 
 from sepres_jax import metrics
 from sepres_jax import models
+import shipped  # pylint: disable=g-bad-import-order
 
 
 def package_at(rev, into):
@@ -58,9 +58,6 @@ def package_at(rev, into):
     sys.modules.update(ours)
 
 
-SHIPPED = dict(num_classes=11, widths=(24, 48, 96, 144, 192), head_width=512, fine_skips=2)
-
-
 def compiled_step(impl, images, labels, network=models, **net):
   model = network.SepResFCN8(impl=impl, **{'num_classes': 12, **net})
   variables = model.init(jax.random.key(2), images[:1])
@@ -82,13 +79,12 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--shipped', action='store_true',
-                      help="the shipped network at 352x480 (--size is then ignored)")
+                      help="the shipped network at its crop size (--size is then ignored)")
   parser.add_argument('--rounds', type=int, default=6)
   parser.add_argument('--impls', default='fast_cpu,native_cpu')
   parser.add_argument('--against', default='', help='a git revision to time each impl against')
   args = parser.parse_args()
-  net = SHIPPED if args.shipped else {}
-  h, w = (352, 480) if args.shipped else (args.size, args.size)
+  net, (h, w) = shipped.network() if args.shipped else ({}, (args.size, args.size))
   images = jax.random.normal(jax.random.key(0), (args.batch, h, w, 3))
   labels = jax.random.randint(jax.random.key(1), (args.batch, h, w), 0,
                               net.get('num_classes', 12))

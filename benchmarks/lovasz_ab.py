@@ -21,6 +21,7 @@ import numpy as np
 
 from sepres_jax import metrics
 from sepres_jax import models
+import shipped  # pylint: disable=g-bad-import-order
 
 
 def main():
@@ -35,8 +36,7 @@ def main():
   images = jax.numpy.asarray(rng.uniform(-1, 1, (args.batch, args.height, args.width, 3)),
                              np.float32)
   labels = jax.numpy.asarray(rng.integers(0, 12, (args.batch, args.height, args.width)), np.int32)
-  model = models.SepResFCN8(num_classes=11, widths=(24, 48, 96, 144, 192), head_width=512,
-                            fine_skips=2, impl='native_cpu')
+  model = models.SepResFCN8(impl='native_cpu', **shipped.network()[0])
   variables = model.init(jax.random.key(0), images[:1])
   params, batch_stats = variables['params'], variables['batch_stats']
 
