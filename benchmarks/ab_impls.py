@@ -27,8 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from configs import seed
 from sepres_jax import metrics
 from sepres_jax import models
+from sepres_jax import train
 import shipped  # pylint: disable=g-bad-import-order
 
 
@@ -58,8 +60,10 @@ def package_at(rev, into):
     sys.modules.update(ours)
 
 
-def compiled_step(impl, images, labels, network=models, **net):
-  model = network.SepResFCN8(impl=impl, **{'num_classes': 12, **net})
+def compiled_step(impl, config, images, labels, network=models):
+  config = config.copy_and_resolve_references()
+  config.model.impl = impl
+  model = network.create_model(config, train.num_outputs(config))
   variables = model.init(jax.random.key(2), images[:1])
 
   def loss(params, batch_stats, images, labels):
@@ -84,17 +88,17 @@ def main():
   parser.add_argument('--impls', default='fast_cpu,native_cpu')
   parser.add_argument('--against', default='', help='a git revision to time each impl against')
   args = parser.parse_args()
-  net, (h, w) = shipped.network() if args.shipped else ({}, (args.size, args.size))
+  config = shipped.config() if args.shipped else seed.get_config()
+  h, w = tuple(config.data.image_size) if args.shipped else (args.size, args.size)
   images = jax.random.normal(jax.random.key(0), (args.batch, h, w, 3))
-  labels = jax.random.randint(jax.random.key(1), (args.batch, h, w), 0,
-                              net.get('num_classes', 12))
+  labels = jax.random.randint(jax.random.key(1), (args.batch, h, w), 0, train.num_outputs(config))
   steps = {}
   with tempfile.TemporaryDirectory() as tmp:
     old = package_at(args.against, tmp) if args.against else None
     for impl in args.impls.split(','):
       if old:
-        steps[f'{impl}@{args.against}'] = compiled_step(impl, images, labels, old, **net)
-      steps[impl] = compiled_step(impl, images, labels, **net)
+        steps[f'{impl}@{args.against}'] = compiled_step(impl, config, images, labels, old)
+      steps[impl] = compiled_step(impl, config, images, labels)
   impls = list(steps)
   times = {impl: [] for impl in impls}
   for _ in range(args.rounds):

@@ -21,6 +21,7 @@ import numpy as np
 
 from sepres_jax import metrics
 from sepres_jax import models
+from sepres_jax import train
 import shipped  # pylint: disable=g-bad-import-order
 
 
@@ -36,7 +37,9 @@ def main():
   images = jax.numpy.asarray(rng.uniform(-1, 1, (args.batch, args.height, args.width, 3)),
                              np.float32)
   labels = jax.numpy.asarray(rng.integers(0, 12, (args.batch, args.height, args.width)), np.int32)
-  model = models.SepResFCN8(impl='native_cpu', **shipped.network()[0])
+  config = shipped.config()
+  config.model.impl = 'native_cpu'
+  model = models.create_model(config, train.num_outputs(config))
   variables = model.init(jax.random.key(0), images[:1])
   params, batch_stats = variables['params'], variables['batch_stats']
 
