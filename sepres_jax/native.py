@@ -10,6 +10,11 @@ Lovasz-softmax loss (`lovasz_weight`) is also compiled: its loss and gradient in
 image, where XLA's histogram form made many (2.8x faster alone, the shipped network's train step
 1.07-1.08x; benchmarks/lovasz_ab.py).
 
+Under jit over several devices (the train step's 'data' mesh) each call is partitioned by the
+batch (`jax.experimental.custom_partitioning`): every device runs the kernel on its own images, and
+the kernel gradients, sums over the batch, are summed over the devices. Without that rule XLA
+gathered the whole batch onto every device before each call, so each device did all the work.
+
 The shared library is cached under $SEPRES_JAX_CACHE (default ~/.cache/sepres_jax), keyed by the
 source, jax's version and this CPU's instruction-set flags (it is built with -march=native).
 """
@@ -24,6 +29,10 @@ import subprocess
 import tempfile
 
 import jax
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'kernels.cc')
@@ -115,28 +124,103 @@ def _require():
                        "use model.impl='fast_cpu'")
 
 
+def _by_batch(call, rule: str, batched, summed=(), static_argnums=()):
+  """`call` partitioned over the first (batch) dimension of its operands.
+
+  batched: per array operand, whether its first dimension is the batch (the others, kernels, are
+  replicated). summed: the indices of results that are sums over the batch (kernel gradients),
+  psum'd over the devices; the other results are split by the batch like the operands. Static
+  arguments come last in `call`'s signature. On one device, under pmap or inside shard_map the
+  wrapper is `call` itself (custom_partitioning inlines it).
+  """
+  wrapped = custom_partitioning(call, static_argnums=static_argnums)
+
+  def shardings(mesh, arg_shapes, result_shape):
+    spec = getattr(arg_shapes[0].sharding, 'spec', None)
+    axes = spec[0] if spec else None  # The mesh axes that split the batch, or None.
+    split, whole = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
+    single = not isinstance(result_shape, (tuple, list))
+    results = tuple(whole if i in summed else split
+                    for i in range(1 if single else len(result_shape)))
+    args = tuple(split if b else whole for b in batched)
+    return axes, (results[0] if single else results), args
+
+  def infer(*a):
+    *_, mesh, arg_shapes, result_shape = a
+    return shardings(mesh, arg_shapes, result_shape)[1]
+
+  def partition(*a):
+    *static, mesh, arg_shapes, result_shape = a
+    axes, results, args = shardings(mesh, arg_shapes, result_shape)
+
+    def lower(*xs):
+      out = call(*xs, *static)
+      if not axes or not summed:
+        return out
+      if not isinstance(out, tuple):
+        return lax.psum(out, axes)
+      return tuple(lax.psum(o, axes) if i in summed else o for i, o in enumerate(out))
+
+    return mesh, lower, results, args
+
+  wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                        sharding_rule=rule)
+  return wrapped
+
+
+def _depthwise3x3_call(x, kernel):
+  return jax.ffi.ffi_call('sepres_depthwise3x3', jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          vmap_method='sequential')(x, kernel)
+
+
+def _depthwise3x3_kernel_grad_call(x, g):
+  return jax.ffi.ffi_call('sepres_depthwise3x3_kernel_grad',
+                          jax.ShapeDtypeStruct((3, 3, 1, x.shape[-1]), x.dtype),
+                          vmap_method='sequential')(x, g)
+
+
+def _dense_kernel_grad_call(x, g, kernel_shape):
+  return jax.ffi.ffi_call('sepres_dense_kernel_grad',
+                          jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
+                          vmap_method='sequential')(x, g)
+
+
+def _lovasz_softmax_call(logits, labels, bins):
+  per_image = jax.ShapeDtypeStruct((logits.shape[0],), logits.dtype)
+  return jax.ffi.ffi_call('sepres_lovasz_softmax',
+                          (per_image, per_image, jax.ShapeDtypeStruct(logits.shape, logits.dtype)),
+                          vmap_method='sequential')(logits, labels, bins=np.int64(bins))
+
+
+# Only the batch factor may be split: every other factor must be whole on each device.
+_depthwise3x3 = _by_batch(_depthwise3x3_call, 'b h w c, i j k c -> b h w c',
+                          batched=(True, False))
+_depthwise3x3_kernel_grad = _by_batch(_depthwise3x3_kernel_grad_call,
+                                      'b h w c, b h w c -> i j k c', batched=(True, True),
+                                      summed=(0,))
+_dense_kernel_grad = _by_batch(_dense_kernel_grad_call, 'b h w c, b h w o -> i j c o',
+                               batched=(True, True), summed=(0,), static_argnums=(2,))
+_lovasz_softmax = _by_batch(_lovasz_softmax_call, 'n p k, n p -> n, n, n p k',
+                            batched=(True, True), static_argnums=(2,))
+
+
 def depthwise3x3(x, kernel):
   """The 3x3 depthwise convolution (stride 1, SAME) of float32 NHWC x with kernel [3, 3, 1, C]."""
   _require()
-  return jax.ffi.ffi_call('sepres_depthwise3x3', jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          vmap_method='sequential')(x, kernel)
+  return _depthwise3x3(x, kernel)
 
 
 def depthwise3x3_kernel_grad(x, g):
   """dL/dkernel [3, 3, 1, C] of depthwise3x3(x, kernel), given g = dL/dout; float32."""
   _require()
-  return jax.ffi.ffi_call('sepres_depthwise3x3_kernel_grad',
-                          jax.ShapeDtypeStruct((3, 3, 1, x.shape[-1]), x.dtype),
-                          vmap_method='sequential')(x, g)
+  return _depthwise3x3_kernel_grad(x, g)
 
 
 def dense_kernel_grad(x, g, kernel_shape):
   """dL/dkernel [KH, KW, Cin, Cout] of a stride-1 SAME convolution of float32 NHWC x, given
   g = dL/dout [B, H, W, Cout]. Meant for few taps (the stem's 3x3x3)."""
   _require()
-  return jax.ffi.ffi_call('sepres_dense_kernel_grad',
-                          jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
-                          vmap_method='sequential')(x, g)
+  return _dense_kernel_grad(x, g, tuple(int(d) for d in kernel_shape))
 
 
 def lovasz_softmax(logits, labels, bins: int):
@@ -144,8 +228,4 @@ def lovasz_softmax(logits, labels, bins: int):
   and the gradient of each image's loss with respect to its logits [N, P, K], of float32 logits
   [N, P, K] and int32 labels [N, P] (metrics.lovasz_softmax's histogram form, `bins` bins)."""
   _require()
-  n, _, _ = logits.shape
-  per_image = jax.ShapeDtypeStruct((n,), logits.dtype)
-  return jax.ffi.ffi_call('sepres_lovasz_softmax',
-                          (per_image, per_image, jax.ShapeDtypeStruct(logits.shape, logits.dtype)),
-                          vmap_method='sequential')(logits, labels, bins=np.int64(bins))
+  return _lovasz_softmax(logits, labels, int(bins))

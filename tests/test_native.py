@@ -1,14 +1,19 @@
 """The compiled CPU kernels: their build, their failures, and their sums against float64."""
 
 import ctypes
+import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ROOT, run_env
 from sepres_jax import native
 
 HAS_COMPILER = native._compiler() is not None  # pylint: disable=protected-access
@@ -98,3 +103,63 @@ def test_dense_kernel_grad_against_float64(shape, k, cout):
   exact = np.stack([np.stack([np.einsum('bhwc,bhwo->co', xp[:, i:i + h, j:j + w], g)
                               for j in range(k)]) for i in range(k)])
   np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+
+
+_PARTITION_SCRIPT = textwrap.dedent("""
+    import json, re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from sepres_jax import metrics, ops
+
+    assert jax.device_count() == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 12, 10, 16)).astype(np.float32)
+    img = rng.standard_normal((8, 12, 10, 3)).astype(np.float32)
+    dw = rng.standard_normal((3, 3, 1, 16)).astype(np.float32)
+    stem = rng.standard_normal((3, 3, 3, 16)).astype(np.float32)
+    labels = rng.integers(0, 12, (8, 12, 10)).astype(np.int32)  # 11: void, ignored.
+
+    def loss(x, img, dw, stem):
+      h = ops.depthwise_conv3x3(x, dw, 'native_cpu') + ops.conv(img, stem, 'native_cpu')
+      logits = h[..., :11]
+      total, count = metrics.lovasz_softmax(logits, labels, use_native=True)
+      return total / count + jnp.mean(h ** 2)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    out, hlo = {}, ''
+    for name, devices in [('mesh4', jax.devices()), ('single', jax.devices()[:1])]:
+      mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+      split = NamedSharding(mesh, P('data'))
+      args = (jax.device_put(x, split), jax.device_put(img, split), dw, stem)
+      f = jax.jit(lambda *a: (loss(*a), grad(*a)))
+      if name == 'mesh4':
+        hlo = f.lower(*args).compile().as_text()
+      value, grads = f(*args)
+      out[name] = [np.asarray(value).tolist()] + [np.asarray(g).ravel().tolist() for g in grads]
+    calls = [l for l in hlo.splitlines() if 'custom_call_target="sepres_' in l]
+    print('RESULT', json.dumps({
+        'out': out, 'all_gather': hlo.count('all-gather'),
+        'calls': [(re.search(r'target="(\\w+)"', l).group(1),
+                   re.search(r'operand_layout_constraints=\\{\\w+\\[(\\d+)', l).group(1))
+                  for l in calls]}))
+""")
+
+
+@pytest.mark.multidevice
+@pytest.mark.skipif(not native.available()[0], reason='compiled kernels unavailable')
+def test_kernels_are_partitioned_by_the_batch_over_a_mesh():
+  """Under jit over 4 devices each compiled kernel runs on its device's 2 of the 8 images (no
+  gather of the batch), and values and gradients equal those on one device."""
+  env = run_env(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', _PARTITION_SCRIPT], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  r = json.loads(line[len('RESULT '):])
+  targets = {t for t, _ in r['calls']}
+  assert targets == {'sepres_depthwise3x3', 'sepres_depthwise3x3_kernel_grad',
+                     'sepres_dense_kernel_grad', 'sepres_lovasz_softmax'}, r['calls']
+  assert all(first == '2' for _, first in r['calls']), r['calls']  # 8 images / 4 devices.
+  assert r['all_gather'] == 0
+  for got, want in zip(r['out']['mesh4'], r['out']['single']):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
