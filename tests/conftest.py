@@ -1,7 +1,9 @@
 """Shared fixtures: the tiny config, and where the real CamVid lives when it is present."""
 
+import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -35,6 +37,16 @@ def run_env(**extra):
   env.pop('XLA_FLAGS', None)
   env.update(extra)
   return env
+
+
+def run_on_devices(script, n):
+  """The JSON after the last `RESULT ` line that `script` prints, run on `n` simulated CPU devices."""
+  env = run_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={n}', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):])
 
 
 def train_tiny(root, **fields):

@@ -1,11 +1,8 @@
 """The compiled CPU kernels: their build, their failures, and their sums against float64."""
 
 import ctypes
-import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_env
+from conftest import run_on_devices
 from sepres_jax import native
 
 HAS_COMPILER = native._compiler() is not None  # pylint: disable=protected-access
@@ -150,12 +147,7 @@ _PARTITION_SCRIPT = textwrap.dedent("""
 def test_kernels_are_partitioned_by_the_batch_over_a_mesh():
   """Under jit over 4 devices each compiled kernel runs on its device's 2 of the 8 images (no
   gather of the batch), and values and gradients equal those on one device."""
-  env = run_env(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', _PARTITION_SCRIPT], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
-  r = json.loads(line[len('RESULT '):])
+  r = run_on_devices(_PARTITION_SCRIPT, 4)
   targets = {t for t, _ in r['calls']}
   assert targets == {'sepres_depthwise3x3', 'sepres_depthwise3x3_kernel_grad',
                      'sepres_dense_kernel_grad', 'sepres_lovasz_softmax'}, r['calls']

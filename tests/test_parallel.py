@@ -1,14 +1,11 @@
 """jit over a 4-device Mesh, pmap over 4 devices and a single device give the same training run."""
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_env
+from conftest import run_on_devices
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -50,12 +47,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.multidevice
 def test_jit_pmap_and_single_device_agree():
-  env = run_env(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
-  r = json.loads(line[len('RESULT '):])
+  r = run_on_devices(SCRIPT, 4)
   ref = r['single']
   assert ref['losses'][-1] < ref['losses'][0]  # It trained.
   for name in ('jit4', 'pmap4'):
