@@ -196,6 +196,8 @@ def evaluate(config, workdir: str) -> dict:
   scores = metrics.scores_from_confusion(cm, names, scored)
   scores['loss'] = loss_sum / max(weight, 1.0)
   scores.update({'split': split, 'num_images': len(sources[split]), 'checkpoint': origin,
+                 'input': config.eval.input, 'flip': bool(config.eval.flip),
+                 'scales': [float(s) for s in config.eval.scales],
                  'confusion_matrix': cm.tolist(), 'class_names': names})
   picked = picker.picked()
   scores['panels'] = [{'index': i, 'miou': m} for m, i, _ in picked]

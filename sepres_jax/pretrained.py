@@ -123,7 +123,8 @@ def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> d
     with open(scores_path) as f:
       scores = json.load(f)
     results.update({k: scores[k] for k in ('split', 'miou', 'pixel_accuracy', 'mean_class_accuracy',
-                                           'num_images', 'checkpoint') if k in scores})
+                                           'num_images', 'checkpoint', 'input', 'flip', 'scales')
+                    if k in scores})
     results['iou'] = {row['name']: row['iou'] for row in scores.get('per_class', [])}
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)

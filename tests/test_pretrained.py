@@ -52,6 +52,8 @@ def test_pack_writes_weights_config_and_scores_that_reproduce(packed_run, tmp_pa
   config = config.copy_and_resolve_references()
   assert sorted(os.listdir(out)) == ['config.py', 'results.json', 'weights']
   assert results['miou'] == pytest.approx(scores['miou'])
+  # The test-time settings the figure was measured with travel with it.
+  assert (results['flip'], results['scales']) == (False, [1.0]), results
   assert json.loads((out / 'results.json').read_text())['iou']['Sky'] == pytest.approx(
       scores['per_class'][0]['iou'])
   shipped = _load_config(out / 'config.py')
