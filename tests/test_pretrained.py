@@ -153,6 +153,7 @@ def test_shipped_weights_score_the_stated_miou_on_camvid_test(folder, tmp_path):
   if not (CAMVID / 'test').is_dir():
     pytest.skip(f'real CamVid not present at {CAMVID}')
   claimed = json.loads((folder / 'results.json').read_text())
+  assert (claimed['flip'], claimed['scales']) == (False, [1.0]), claimed  # As config.py evaluates.
   config = _load_config(folder / 'config.py')
   config.data.manual_dir = os.fspath(CAMVID)
   config.data.cache_dir = os.fspath(tmp_path / 'cache')
