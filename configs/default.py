@@ -86,6 +86,10 @@ def get_config():
   config.weight_decay = 0.0  # Decoupled (AdamW-style) decay of conv kernels, times the rate.
   config.label_smoothing = 0.0  # Cross-entropy label smoothing.
   config.lovasz_weight = 0.0  # Adds this times the per-image Lovasz-softmax loss (IoU surrogate).
+  # Exponential moving average of the weights (and BatchNorm statistics), updated every step with
+  # decay min(ema_decay, (1 + t) / (10 + t)); when on, validation, the best checkpoint, evaluate,
+  # predict, init_from and packing use the average. 0: off.
+  config.ema_decay = 0.0
   # Distillation (sepres_jax/distill.py): adds weight times the cross-entropy against a trained
   # model's probabilities of the training images, averaged over its flip and scales.
   config.distill = ml_collections.ConfigDict()

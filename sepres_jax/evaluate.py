@@ -10,6 +10,7 @@ prediction / truth) of `eval.num_panels` images, the lowest per-image mIoU first
 import functools
 import json
 import os
+from typing import Optional
 
 from absl import logging
 import jax
@@ -37,8 +38,8 @@ def load_weights(path: str, state, new_layers_ok: bool = False) -> dict:
   `state`. Only the weights are read, so any optimiser's checkpoint loads.
   """
   path = os.path.abspath(os.path.expanduser(path))
-  stored, location, _ = _stored_weights(path)
-  return _fitted(path, state, stored, location, new_layers_ok)
+  stored, location, _, under = _stored_weights(path)
+  return _fitted(path, state, stored, location, new_layers_ok, under)
 
 
 def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
@@ -50,12 +51,14 @@ def restore_weights(workdir: str, which: str, state) -> tuple[dict, int]:
   """
   if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
     raise train.RunError(f'no checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)}')
-  stored, location, step = _stored_weights(workdir, which)
-  return _fitted(f'checkpoint {step} in {workdir}', state, stored, location, False), step
+  stored, location, step, under = _stored_weights(workdir, which)
+  return _fitted(f'checkpoint {step} in {workdir}', state, stored, location, False, under), step
 
 
-def _fitted(name: str, state, stored: dict, location: str, new_layers_ok: bool) -> dict:
-  """`state`'s weights with those `stored` holds read from `location`; errors begin with `name`."""
+def _fitted(name: str, state, stored: dict, location: str, new_layers_ok: bool,
+            under: Optional[str] = None) -> dict:
+  """`state`'s weights with those `stored` holds read from `location` (below its key `under`, if
+  given); errors begin with `name`."""
   weights = {'params': state.params, 'batch_stats': state.batch_stats}
   target, new = _prune_to(weights, stored, name)
   if new and not new_layers_ok:
@@ -65,9 +68,10 @@ def _fitted(name: str, state, stored: dict, location: str, new_layers_ok: bool) 
   if new:
     logging.info('%s lacks %d arrays of this model; they keep their initial values: %s',
                  name, len(new), ', '.join(new))
-  restored = _restore(location, checkpoints.abstract_like(target),
+  target = checkpoints.abstract_like(target)
+  restored = _restore(location, {under: target} if under else target,
                       f'{name}: weights do not fit this model')
-  return _merged(weights, restored)
+  return _merged(weights, restored[under] if under else restored)
 
 
 def _not_weights(path):
@@ -77,7 +81,11 @@ def _not_weights(path):
 
 def _stored_weights(path: str, which: str = 'best'):
   """(the stored {'params', 'batch_stats'} metadata tree, the pytree's directory, the checkpoint's
-  step or None for a pretrained folder) of `path`."""
+  step or None for a pretrained folder, the key they are under or None) of `path`.
+
+  A checkpoint of a run with config.ema_decay holds the moving average under 'ema': those are the
+  weights its validation scored, so they are the ones read.
+  """
   try:
     if os.path.isdir(os.path.join(path, WEIGHTS_DIR)):
       location, step = os.path.join(path, WEIGHTS_DIR), None
@@ -98,7 +106,10 @@ def _stored_weights(path: str, which: str = 'best'):
       raise _not_weights(path)
   except (ValueError, KeyError, TypeError, OSError) as e:
     raise train.RunError(f'{path}: cannot read its weights ({_first_line(e)})') from None
-  return {k: tree[k] for k in ('params', 'batch_stats') if k in tree}, location, step
+  ema = tree['ema'] if 'ema' in tree else None
+  under = 'ema' if isinstance(ema, dict) and 'params' in ema else None
+  tree = tree[under] if under else tree
+  return {k: tree[k] for k in ('params', 'batch_stats') if k in tree}, location, step, under
 
 
 def _prune_to(weights: dict, stored: dict, path: str, prefix: str = ''):

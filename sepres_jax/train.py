@@ -35,6 +35,23 @@ PMAP_AXIS = 'batch'
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # {'params', 'batch_stats'}: their moving average when config.ema_decay is set, else None.
+  ema: Any = None
+
+
+def eval_weights(state: TrainState) -> TrainState:
+  """The state whose params and batch_stats are the ones to score: the moving average if kept."""
+  if state.ema is None:
+    return state
+  return state.replace(params=state.ema['params'], batch_stats=state.ema['batch_stats'])
+
+
+def with_fresh_ema(state: TrainState) -> TrainState:
+  """`state` with its moving average (if it keeps one) restarted at its current weights."""
+  if state.ema is None:
+    return state
+  return state.replace(ema=jax.tree.map(jnp.copy, {'params': state.params,
+                                                   'batch_stats': state.batch_stats}))
 
 
 class RunError(RuntimeError):
@@ -139,8 +156,13 @@ def create_train_state(config, model, rng, mesh, total_steps: Optional[int] = No
 
   def init(rng):
     variables = model.init(rng, jnp.zeros(input_shape(config), jnp.float32), train=False)
+    ema = None
+    if config.get('ema_decay', 0.0):
+      if not 0.0 < config.ema_decay < 1.0:
+        raise RunError(f'config.ema_decay must be in (0, 1) or 0 (off), got {config.ema_decay}')
+      ema = jax.tree.map(jnp.copy, dict(variables))
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             batch_stats=variables['batch_stats'])
+                             batch_stats=variables['batch_stats'], ema=ema)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(init, out_shardings=replicated)(rng)
@@ -152,14 +174,17 @@ def create_train_state(config, model, rng, mesh, total_steps: Optional[int] = No
 
 def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float = 0.0,
                lovasz_weight: float = 0.0, distill_weight: float = 0.0,
-               lovasz_native: bool = False, axis_name: Optional[str] = None):
+               lovasz_native: bool = False, ema_decay: float = 0.0,
+               axis_name: Optional[str] = None):
   """One RMSprop step on the mean loss over all counted pixels of the global batch.
 
   With `lovasz_weight`, the mean per-image Lovasz-softmax loss times it is added to the
   cross-entropy (`lovasz_native`: its compiled kernel, see metrics.lovasz_softmax); with
   `distill_weight` (and the batch's 'soft' targets), the mean cross-entropy
   against the teacher's probabilities times it. The step's 'loss_sum' stays the cross-entropy's
-  with the labels (train_loss in the history).
+  with the labels (train_loss in the history). With `ema_decay` (and state.ema), the moving
+  average moves towards the new weights and BatchNorm statistics by 1 - min(ema_decay,
+  (1 + t) / (10 + t)), t the step's index (TensorFlow's ExponentialMovingAverage warm-up).
   """
   def total(x):
     return lax.psum(x, axis_name) if axis_name else x
@@ -184,7 +209,12 @@ def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float
   grads, (logits, updates, loss_sum, weight) = jax.grad(loss_fn, has_aux=True)(state.params)
   if axis_name:
     grads = lax.psum(grads, axis_name)
+  t = state.step.astype(jnp.float32)
   state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  if ema_decay and state.ema is not None:
+    d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    new = {'params': state.params, 'batch_stats': state.batch_stats}
+    state = state.replace(ema=jax.tree.map(lambda e, w: d * e + (1.0 - d) * w, state.ema, new))
   mask = metrics.valid_mask(batch['label'], logits.shape[-1])
   correct = jnp.sum((jnp.argmax(logits, -1) == batch['label']) & mask, dtype=jnp.float32)
   out = {'loss_sum': loss_sum, 'weight': weight, 'correct': correct,
@@ -233,18 +263,20 @@ class Stepper:
     # The Lovasz loss's compiled kernel goes with the network's (model.impl 'native_cpu').
     ln = bool(lw) and ops.resolve_impl(config.model.impl) == 'native_cpu'
     dw = float(config.distill.weight) if distill.enabled(config) else 0.0
+    ed = float(config.get('ema_decay', 0.0))
     self.keys = ('image', 'label', distill.SOFT_KEY) if dw else ('image', 'label')
     if self.mode == 'jit':
       self.train = jax.jit(functools.partial(train_step, weights=w, label_smoothing=ls,
                                              lovasz_weight=lw, distill_weight=dw,
-                                             lovasz_native=ln),
+                                             lovasz_native=ln, ema_decay=ed),
                            donate_argnums=0, out_shardings=(self.replicated, self.replicated))
       self.eval = jax.jit(functools.partial(eval_step, weights=w),
                           out_shardings=self.replicated)
     elif self.mode == 'pmap':
       self.train = jax.pmap(
           functools.partial(train_step, weights=w, label_smoothing=ls, lovasz_weight=lw,
-                            distill_weight=dw, lovasz_native=ln, axis_name=PMAP_AXIS),
+                            distill_weight=dw, lovasz_native=ln, ema_decay=ed,
+                            axis_name=PMAP_AXIS),
           axis_name=PMAP_AXIS, donate_argnums=0, devices=mesh.devices.flat)
       self.eval = jax.pmap(functools.partial(eval_step, weights=w, axis_name=PMAP_AXIS),
                            axis_name=PMAP_AXIS, devices=mesh.devices.flat)
@@ -434,6 +466,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   elif config.init_from:
     from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
     state = state.replace(**evaluate.load_weights(config.init_from, state, new_layers_ok=True))
+    state = with_fresh_ema(state)  # The average starts at the weights fine-tuned from.
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -537,7 +570,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     # --- Validation, rules, checkpoint, logs --------------------------------------------------
     check_finite(step_state.params)
     state = stepper.from_step_state(step_state)
-    val = evaluate_split(stepper, step_state, val_batches())
+    val = evaluate_split(stepper, eval_weights(step_state), val_batches())
     epoch += 1
     record = {
         'epoch': epoch, 'step': step, 'learning_rate': lr,
@@ -576,8 +609,9 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
         writer.add_scalar(f'epoch/{k}', record[k], epoch)
       if pictures:
         # Process 0 draws alone: a host copy of the (replicated) state, not the global arrays.
-        pictures.write(writer, state if jax.process_count() == 1 else jax.tree.map(
-            lambda x: np.asarray(x.addressable_data(0)), state), epoch)
+        scored = eval_weights(state)
+        pictures.write(writer, scored if jax.process_count() == 1 else jax.tree.map(
+            lambda x: np.asarray(x.addressable_data(0)), scored), epoch)
       writer.flush()
     if stop.requested():
       return stopped()
