@@ -131,6 +131,10 @@ def first_mismatch(manager, step, abstract_state) -> Optional[str]:
   if stored is None:
     return None
   flat_stored, flat_model = _flat_shapes(stored), _flat_shapes(abstract_state)
+  averaged = [any(k.startswith('ema/') for k in flat) for flat in (flat_stored, flat_model)]
+  if averaged[0] != averaged[1]:
+    return ('written with' if averaged[0] else 'written without') + (
+        ' a moving average of the weights; resume with the config.ema_decay it was started with')
   for key in sorted(set(flat_stored) | set(flat_model)):
     if not key.startswith(('params/', 'batch_stats/')):
       continue  # Optimizer state mirrors the parameters; its layout is left to restore.

@@ -92,3 +92,13 @@ def test_validation_evaluate_init_from_and_pack_read_the_average(tmp_path):
   assert 'ema' not in packed
   for got, want in zip(_leaves(packed['params']), average):
     np.testing.assert_array_equal(got, want)
+
+
+def test_resuming_with_another_ema_setting_is_a_one_line_error(tmp_path):
+  config, workdir = train_tiny(tmp_path)  # Without an average.
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  config.ema_decay, config.num_epochs = 0.9, 2
+  with pytest.raises(Exception, match='written without a moving average of the weights; resume '
+                                      'with the config.ema_decay it was started with'):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before  # Nothing written.
