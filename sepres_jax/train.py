@@ -209,9 +209,9 @@ def train_step(state: TrainState, batch, *, weights=None, label_smoothing: float
   grads, (logits, updates, loss_sum, weight) = jax.grad(loss_fn, has_aux=True)(state.params)
   if axis_name:
     grads = lax.psum(grads, axis_name)
-  t = state.step.astype(jnp.float32)
   state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   if ema_decay and state.ema is not None:
+    t = (state.step - 1).astype(jnp.float32)  # This step's index (apply_gradients counted it).
     d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
     new = {'params': state.params, 'batch_stats': state.batch_stats}
     state = state.replace(ema=jax.tree.map(lambda e, w: d * e + (1.0 - d) * w, state.ema, new))

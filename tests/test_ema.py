@@ -69,12 +69,10 @@ def test_validation_evaluate_init_from_and_pack_read_the_average(tmp_path):
   for got, want in zip(_leaves(state.params), average):
     np.testing.assert_array_equal(got, want)
 
-  # init_from a run with an average starts from the average (and restarts it there).
+  # init_from a run with an average loads the average, and a run fine-tuned from it trains.
   tuned = config.copy_and_resolve_references()
   tuned.init_from, tuned.num_epochs = workdir, 1
-  mesh = train.make_mesh()
-  model = train.models.create_model(tuned, train.num_outputs(tuned))
-  fresh = train.create_train_state(tuned, model, jax.random.key(0), mesh)
+  fresh, _ = _setup(tuned)
   loaded = evaluate.load_weights(workdir, fresh)
   for got, want in zip(_leaves(loaded['params']), average):
     np.testing.assert_array_equal(got, want)
