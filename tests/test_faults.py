@@ -1,8 +1,8 @@
 """Faults: SIGKILL and SIGTERM mid-run resume to the same result; NaN, failed saves, other models.
 
 Every test runs main.py in a subprocess on the tiny config (2 epochs of 4 steps). One uninterrupted
-run is the reference; the others copy it or are compared with it. A persistent compilation cache
-shared by the subprocesses keeps the compiles to the first run.
+run is the reference; the others copy it or are compared with it. The suite's persistent
+compilation cache (conftest.py) keeps the compiles to the first run.
 """
 
 import hashlib
@@ -30,13 +30,11 @@ def shared(tmp_path_factory):
   return tmp_path_factory.mktemp('faults')
 
 
-def _env(shared, compile_cache=True):
-  extra = {}
-  if compile_cache:
-    extra = dict(JAX_COMPILATION_CACHE_DIR=str(shared / 'jax_cache'),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return run_env(**extra)
+def _env(compile_cache=True):
+  env = run_env()  # With the suite's compilation cache (conftest.py).
+  if not compile_cache:  # Its writes would fail under the file size limit.
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  return env
 
 
 def _cmd(workdir, shared, *args):
@@ -46,13 +44,13 @@ def _cmd(workdir, shared, *args):
 
 
 def _run(workdir, shared, *args, timeout=600, **kw):
-  return subprocess.run(_cmd(workdir, shared, *args), cwd=ROOT, env=_env(shared), text=True,
+  return subprocess.run(_cmd(workdir, shared, *args), cwd=ROOT, env=_env(), text=True,
                         capture_output=True, timeout=timeout, **kw)
 
 
 def _start(workdir, shared, *args):
   log = open(Path(workdir).parent / f'{Path(workdir).name}.log', 'w')
-  proc = subprocess.Popen(_cmd(workdir, shared, *args), cwd=ROOT, env=_env(shared), text=True,
+  proc = subprocess.Popen(_cmd(workdir, shared, *args), cwd=ROOT, env=_env(), text=True,
                           stdout=log, stderr=subprocess.STDOUT)
   return proc, Path(log.name)
 
@@ -204,7 +202,7 @@ def test_failed_save_says_why_and_keeps_previous_checkpoints(shared, reference, 
   shutil.copytree(reference, workdir)
   steps = _steps(workdir)
   out = subprocess.run(_cmd(workdir, shared, '--config.num_epochs=3'), cwd=ROOT,
-                       env=_env(shared, compile_cache=False), text=True, capture_output=True,
+                       env=_env(compile_cache=False), text=True, capture_output=True,
                        timeout=600, preexec_fn=_limit_file_size)
   assert out.returncode == 1, out.stderr[-3000:]
   err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
