@@ -34,6 +34,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.workdir is None and FLAGS.mode not in _NO_WORKDIR_MODES:
     sys.exit(f'error: --mode={FLAGS.mode} needs --workdir=DIR')
+  if FLAGS.mode == 'benchmark':  # Time the compiler, never a read of a persistent cache.
+    jax.config.update('jax_enable_compilation_cache', False)
   _initialize_distributed()
   from sepres_jax import cli  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),

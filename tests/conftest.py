@@ -16,11 +16,11 @@ CAMVID = ROOT.parent / 'shared' / 'data' / 'CamVid'
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 # One persistent XLA compilation cache for the workers and every main.py they start: the tests
 # compile the same small programs again and again (test_main's train, resume and evaluate runs:
-# 242 s without it, 102 s with it from empty). Kept between runs, like the rest of .pytest_cache;
-# JAX keys each entry on the program, jax version, flags and device, so nothing stale is read.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(ROOT / '.pytest_cache' / 'xla'))
+# 242 s without it, 102 s with it from empty). Kept between runs (a few MB; `pytest --cache-clear`
+# empties it with pytest's own cache); JAX keys each entry on the program, the jax version, flags
+# and device, so nothing stale is read.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(ROOT / '.pytest_cache' / 'd' / 'xla'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(2 << 30))  # Least recently used go.
 
 
 @pytest.fixture
