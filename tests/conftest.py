@@ -16,8 +16,7 @@ CAMVID = ROOT.parent / 'shared' / 'data' / 'CamVid'
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 # One persistent XLA compilation cache for the workers and every main.py they start: the tests
 # compile the same small programs again and again (test_main's train, resume and evaluate runs:
-# 242 s without it, 102 s with it from empty; the whole suite in CI: 28 min with a training run
-# beside it, 43 min alone without the cache the day before). Kept between runs (about 40 MB;
+# 242 s without it, 102 s with it from empty, back to back). Kept between runs (about 40 MB;
 # `pytest --cache-clear` empties it with pytest's own cache); JAX keys each entry on the program,
 # the jax version, flags and device, so nothing stale is read.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(ROOT / '.pytest_cache' / 'd' / 'xla'))
