@@ -34,7 +34,7 @@ def _history(workdir):
 def test_two_processes_match_one_and_resume_in_one(tmp_path):
   cache, env = tmp_path / 'cache', run_env(JAX_PLATFORMS='cpu')
   # Without the suite's compilation cache (conftest.py): with it warm, the pair reached its first
-  # collective far apart and gloo's 30 s rendezvous timed out (2 of 3 warm runs; README).
+  # collective far apart and gloo's 30 s rendezvous timed out (both warm runs of three; README).
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   # One process, one device, global batch 4, two epochs (also builds the data cache first).
   single = subprocess.run(_cmd(tmp_path / 'single', cache, '--config.num_epochs=2'), cwd=ROOT,
