@@ -37,6 +37,11 @@ def main(argv):
   if FLAGS.mode == 'benchmark':  # Time the compiler, never a read of a persistent cache.
     jax.config.update('jax_enable_compilation_cache', False)
   _initialize_distributed()
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    # With a warm persistent cache the processes reached their first collective far apart and
+    # gloo's fixed 30 s rendezvous timed out (README, "Compilation cache"): compile in each.
+    jax.config.update('jax_enable_compilation_cache', False)
+    logging.info('Persistent compilation cache off: multi-process CPU run')
   from sepres_jax import cli  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())

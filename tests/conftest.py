@@ -38,10 +38,15 @@ def camvid_dir():
   return str(CAMVID)
 
 
-def run_env(**extra):
-  """Environment for running main.py in a subprocess from the repo root."""
+def run_env(compile_cache=True, **extra):
+  """Environment for running main.py in a subprocess from the repo root.
+
+  With the suite's compilation cache (above) unless `compile_cache` is False.
+  """
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   env.pop('XLA_FLAGS', None)
+  if not compile_cache:
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
   env.update(extra)
   return env
 

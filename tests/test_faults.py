@@ -30,13 +30,6 @@ def shared(tmp_path_factory):
   return tmp_path_factory.mktemp('faults')
 
 
-def _env(compile_cache=True):
-  env = run_env()  # With the suite's compilation cache (conftest.py).
-  if not compile_cache:  # Its writes would fail under the file size limit.
-    env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  return env
-
-
 def _cmd(workdir, shared, *args):
   return [sys.executable, 'main.py', '--config=configs/test.py', f'--workdir={workdir}',
           f'--config.data.cache_dir={shared / "cache"}', '--config.visualize.num_tensorboard_images=0',
@@ -44,13 +37,13 @@ def _cmd(workdir, shared, *args):
 
 
 def _run(workdir, shared, *args, timeout=600, **kw):
-  return subprocess.run(_cmd(workdir, shared, *args), cwd=ROOT, env=_env(), text=True,
+  return subprocess.run(_cmd(workdir, shared, *args), cwd=ROOT, env=run_env(), text=True,
                         capture_output=True, timeout=timeout, **kw)
 
 
 def _start(workdir, shared, *args):
   log = open(Path(workdir).parent / f'{Path(workdir).name}.log', 'w')
-  proc = subprocess.Popen(_cmd(workdir, shared, *args), cwd=ROOT, env=_env(), text=True,
+  proc = subprocess.Popen(_cmd(workdir, shared, *args), cwd=ROOT, env=run_env(), text=True,
                           stdout=log, stderr=subprocess.STDOUT)
   return proc, Path(log.name)
 
@@ -202,7 +195,8 @@ def test_failed_save_says_why_and_keeps_previous_checkpoints(shared, reference, 
   shutil.copytree(reference, workdir)
   steps = _steps(workdir)
   out = subprocess.run(_cmd(workdir, shared, '--config.num_epochs=3'), cwd=ROOT,
-                       env=_env(compile_cache=False), text=True, capture_output=True,
+                       env=run_env(compile_cache=False),  # Cache writes would hit the limit.
+                       text=True, capture_output=True,
                        timeout=600, preexec_fn=_limit_file_size)
   assert out.returncode == 1, out.stderr[-3000:]
   err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
