@@ -12,10 +12,14 @@ random data; `--shipped` takes the shipped weights' network instead, at the size
 crops (both read from pretrained/camvid_sepres_w192_h512/config.py; `--batch=8` is its batch):
 
     python benchmarks/ab_impls.py --shipped --batch=8 --rounds=8 --impls=native_cpu --against=HEAD~1
+
+Each `--compiler_options=JSON` adds each impl compiled with those XLA options (a JSON object, e.g.
+'{"xla_cpu_prefer_vector_width": 512}'; `XLA_FLAGS=--help` lists them) to the same rounds.
 """
 
 import argparse
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -60,7 +64,7 @@ def package_at(rev, into):
     sys.modules.update(ours)
 
 
-def compiled_step(impl, config, images, labels, network=models):
+def compiled_step(impl, config, images, labels, network=models, options=None):
   config = config.copy_and_resolve_references()
   config.model.impl = impl
   model = network.create_model(config, train.num_outputs(config))
@@ -73,7 +77,7 @@ def compiled_step(impl, config, images, labels, network=models):
     return total / count
 
   args = (variables['params'], variables['batch_stats'], images, labels)
-  step = jax.jit(jax.grad(loss)).lower(*args).compile()
+  step = jax.jit(jax.grad(loss)).lower(*args).compile(compiler_options=options)
   jax.block_until_ready(step(*args))
   return lambda: jax.block_until_ready(step(*args))
 
@@ -87,6 +91,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=6)
   parser.add_argument('--impls', default='fast_cpu,native_cpu')
   parser.add_argument('--against', default='', help='a git revision to time each impl against')
+  parser.add_argument('--compiler_options', action='append', default=[], type=json.loads,
+                      help='a JSON object of XLA options to time each impl with (repeatable)')
   args = parser.parse_args()
   config = shipped.config() if args.shipped else seed.get_config()
   h, w = tuple(config.data.image_size) if args.shipped else (args.size, args.size)
@@ -99,6 +105,9 @@ def main():
       if old:
         steps[f'{impl}@{args.against}'] = compiled_step(impl, config, images, labels, old)
       steps[impl] = compiled_step(impl, config, images, labels)
+      for options in args.compiler_options:
+        steps[f'{impl}+{json.dumps(options)}'] = compiled_step(impl, config, images, labels,
+                                                               options=options)
   impls = list(steps)
   times = {impl: [] for impl in impls}
   for _ in range(args.rounds):
@@ -109,9 +118,10 @@ def main():
   base = float(np.median(times[impls[0]]))
   print(f"{'shipped' if args.shipped else 'seed'} network, batch {args.batch}, {h}x{w}, "
         f'median of {args.rounds} rounds')
+  width = max(24, *map(len, impls))
   for impl in impls:
     t = float(np.median(times[impl]))
-    print(f'{impl:<24} {t:.3f} s/step  {args.batch / t:6.1f} img/s  {base / t:.3f}x')
+    print(f'{impl:<{width}} {t:.3f} s/step  {args.batch / t:6.1f} img/s  {base / t:.3f}x')
 
 
 if __name__ == '__main__':
