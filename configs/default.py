@@ -93,7 +93,8 @@ def get_config():
   # Distillation (sepres_jax/distill.py): adds weight times the cross-entropy against a trained
   # model's probabilities of the training images, averaged over its flip and scales.
   config.distill = ml_collections.ConfigDict()
-  config.distill.teacher = ''  # A workdir or pretrained/<name> folder of this architecture.
+  config.distill.teacher = ''  # A workdir or pretrained/<name> folder of this architecture,
+  # or several, comma-separated: an ensemble teacher (probabilities averaged).
   config.distill.weight = 0.0  # 0: off.
   config.distill.flip = True  # The teacher's predictions average the mirror image's ...
   config.distill.scales = (0.75, 1.0, 1.25)  # ... and these input scales'.
@@ -128,6 +129,9 @@ def get_config():
   config.eval.input = 'resize'
   config.eval.flip = False  # Average the predictions of the image and its mirror image.
   config.eval.scales = (1.0,)  # Input scales whose predictions are averaged, e.g. (0.75, 1, 1.25).
+  # Ensemble: comma-separated workdirs (their best checkpoints) or pretrained/<name> folders of the
+  # same network whose class probabilities are averaged with these weights' (evaluate, predict).
+  config.eval.ensemble = ''
   config.eval.ignore_void = True  # Score the real classes only (void learned as a class too).
   config.eval.num_panels = 6  # Image / prediction / truth panels drawn by --mode=evaluate (0: none).
   config.eval.worst_first = True  # Panels of the lowest-mIoU images first (else the split's first).

@@ -1,7 +1,8 @@
 """Distillation: a trained model's averaged predictions on the training images as soft targets.
 
 With `config.distill.weight` > 0 and `config.distill.teacher` (a workdir or a pretrained/<name>
-folder holding weights of this run's architecture), each training image is predicted once, before
+folder holding weights of this run's architecture, or several comma-separated: an ensemble whose
+probabilities are averaged, as `eval.ensemble` averages them), each training image is predicted once, before
 the first step, at its native size the way --mode=evaluate predicts (`eval.input`), averaged over
 `distill.flip` and `distill.scales` (a teacher with test-time augmentation, which one forward pass
 of the student then learns to match). The probabilities are kept as uint8 per pixel and class
@@ -34,10 +35,15 @@ def enabled(config) -> bool:
   from sepres_jax import train  # pylint: disable=g-import-not-at-top
   if float(d.weight) < 0:
     raise train.RunError(f'config.distill.weight must be >= 0, got {d.weight}')
-  if not d.get('teacher'):
+  if not teacher_paths(config):
     raise train.RunError('config.distill.weight > 0 needs config.distill.teacher (a workdir or a '
                          'pretrained/<name> folder)')
   return True
+
+
+def teacher_paths(config) -> list[str]:
+  """config.distill.teacher's comma-separated paths, in order."""
+  return [p.strip() for p in str(config.distill.teacher).split(',') if p.strip()]
 
 
 class SoftTargets:
@@ -67,8 +73,8 @@ def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
   d = config.distill
   model = models.create_model(config, train.num_outputs(config))
   state = train.create_train_state(config, model, jax.random.key(0), mesh)
-  state = state.replace(**evaluate.load_weights(d.teacher, state))
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  teachers = teacher_paths(config)
+  variables = [evaluate.load_weights(p, state) for p in teachers]
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   flip, scales = bool(d.flip), tuple(float(s) for s in d.scales)
   native = config.eval.input == 'native'
@@ -98,7 +104,7 @@ def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
       logging.info('Distillation targets: %d of %d images, %.0f s', i + 1, len(source),
                    time.time() - start)
   logging.info('Distillation targets of %d training images from %s in %.0f s', len(out),
-               d.teacher, time.time() - start)
+               ', '.join(teachers), time.time() - start)
   return out
 
 

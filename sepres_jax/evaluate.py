@@ -175,6 +175,25 @@ def trained_state(config, workdir: str):
   return model, state, mesh, f'{config.eval.checkpoint} checkpoint (step {step})'
 
 
+def ensemble_paths(config) -> list[str]:
+  """The paths in config.eval.ensemble (comma-separated), in order; [] when unset."""
+  value = config.eval.get('ensemble', '')
+  if not isinstance(value, str):
+    raise train.RunError(f'config.eval.ensemble must be a comma-separated string of paths, '
+                         f'got {value!r}')
+  return [p.strip() for p in value.split(',') if p.strip()]
+
+
+def members(config, state) -> list[dict]:
+  """{'params', 'batch_stats'} of `state`, then of each config.eval.ensemble path.
+
+  Each member is a workdir (its best checkpoint) or a pretrained/<name> folder holding weights of
+  the config's network; their class probabilities are averaged (models.averaged_logits).
+  """
+  own = {'params': state.params, 'batch_stats': state.batch_stats}
+  return [own] + [load_weights(p, state) for p in ensemble_paths(config)]
+
+
 def evaluate(config, workdir: str) -> dict:
   """Evaluates config.eval.split; prints the per-class table and writes eval/<split>.json."""
   split = config.eval.split
@@ -193,8 +212,11 @@ def evaluate(config, workdir: str) -> dict:
                                  config.eval.get('worst_first', True))
   loss_sum, weight, cm = 0.0, 0.0, None
   weights = train.class_weights(config, sources.get('train'))
+  ensemble = members(config, state)
+  if len(ensemble) > 1:
+    origin += f' + {len(ensemble) - 1} ensemble member(s): {", ".join(ensemble_paths(config))}'
   passes = eval_pass(state, mesh, batches, weights, config.eval.flip,
-                     config.eval.scales)
+                     config.eval.scales, ensemble[1:])
   for batch, sums, per_example in passes:
     loss_sum += float(sums['loss_sum'])
     weight += float(sums['weight'])
@@ -209,6 +231,7 @@ def evaluate(config, workdir: str) -> dict:
   scores.update({'split': split, 'num_images': len(sources[split]), 'checkpoint': origin,
                  'input': config.eval.input, 'flip': bool(config.eval.flip),
                  'scales': [float(s) for s in config.eval.scales],
+                 'ensemble': ensemble_paths(config),
                  'confusion_matrix': cm.tolist(), 'class_names': names})
   picked = picker.picked()
   scores['panels'] = [{'index': i, 'miou': m} for m, i, _ in picked]
@@ -226,12 +249,13 @@ def evaluate(config, workdir: str) -> dict:
   return scores
 
 
-def eval_step_per_example(state, batch, *, weights=None, flip=False, scales=(1.0,)):
+def eval_step_per_example(state, batch, others=(), *, weights=None, flip=False, scales=(1.0,)):
   """train.eval_step's sums, plus each example's predicted classes and confusion matrix.
 
   Per-example confusion matrices give per-image scores (worst images first) in the same pass.
+  `others`: more members' {'params', 'batch_stats'}, averaged with the state's (an ensemble).
   """
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = [{'params': state.params, 'batch_stats': state.batch_stats}, *others]
   logits = models.averaged_logits(state.apply_fn, variables, batch['image'], flip, scales)
   logits = train.logits_at_label_size(logits, batch['label'])
   k = logits.shape[-1]
@@ -242,11 +266,13 @@ def eval_step_per_example(state, batch, *, weights=None, flip=False, scales=(1.0
   return sums, {'pred': preds.astype(jnp.uint8 if k <= 256 else jnp.int32), 'confusion': cms}
 
 
-def eval_pass(state, mesh, batches, weights=None, flip=False, scales=(1.0,)):
+def eval_pass(state, mesh, batches, weights=None, flip=False, scales=(1.0,), others=()):
   """Yields (host batch, summed metrics, this process's per-example outputs) for every batch.
 
   Runs under jit over `mesh` whatever config.parallelism (the state is replicated either way).
+  `others`: more ensemble members' weights (see eval_step_per_example).
   """
+  others = tuple(others)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   w = None if weights is None else jnp.asarray(weights)
@@ -256,7 +282,7 @@ def eval_pass(state, mesh, batches, weights=None, flip=False, scales=(1.0,)):
   for batch in batches:
     device_batch = {k: jax.make_array_from_process_local_data(data, batch[k])
                     for k in ('image', 'label')}
-    sums, per_example = step(state, device_batch)
+    sums, per_example = step(state, device_batch, others)
     yield batch, jax.device_get(sums), jax.tree.map(lambda x: _process_local(x, mesh), per_example)
 
 

@@ -50,6 +50,9 @@ def check(config) -> None:
   if config.data.lab:
     raise train.RunError('--mode=export does not support data.lab=True (the loader has no '
                          'OpenCV to compute the LAB channels)')
+  if config.eval.get('ensemble', ''):
+    raise train.RunError('--mode=export exports one network: unset config.eval.ensemble '
+                         f'({config.eval.ensemble})')
   scales = tuple(float(s) for s in config.eval.scales)
   if mode == 'native' and scales != (1.0,):
     raise train.RunError(f'eval.scales={scales} needs a fixed input size: export with '

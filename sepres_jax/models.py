@@ -247,10 +247,13 @@ def averaged_logits(apply_fn, variables, images, flip: bool = False, scales=(1.0
   """Log of the class probabilities averaged over horizontal flips and input scales.
 
   Each scale resizes the batch to the nearest multiple of 32 and its logits back to the input's
-  size. With no flip and scales (1.0,) this is the plain forward pass.
+  size. `variables` may be a list of variable dicts of one architecture (an ensemble): every
+  member's probabilities count equally. With one member, no flip and scales (1.0,) this is the
+  plain forward pass.
   """
-  if not flip and tuple(scales) == (1.0,):
-    return apply_fn(variables, images, train=False)
+  members = list(variables) if isinstance(variables, (list, tuple)) else [variables]
+  if len(members) == 1 and not flip and tuple(scales) == (1.0,):
+    return apply_fn(members[0], images, train=False)
   b, h, w, c = images.shape
   probs = 0.0
   n = 0
@@ -259,10 +262,11 @@ def averaged_logits(apply_fn, variables, images, flip: bool = False, scales=(1.0
     sh, sw = (h, w) if s == 1 else (max(32, int(round(d * s / 32)) * 32) for d in (h, w))
     x = images if (sh, sw) == (h, w) else jax.image.resize(images, (b, sh, sw, c), 'bilinear')
     for flipped in ((False, True) if flip else (False,)):
-      logits = apply_fn(variables, x[:, :, ::-1] if flipped else x, train=False)
-      logits = logits[:, :, ::-1] if flipped else logits
-      if (sh, sw) != (h, w):
-        logits = jax.image.resize(logits, (b, h, w, logits.shape[-1]), 'bilinear')
-      probs = probs + jax.nn.softmax(logits, axis=-1)
-      n += 1
+      for member in members:
+        logits = apply_fn(member, x[:, :, ::-1] if flipped else x, train=False)
+        logits = logits[:, :, ::-1] if flipped else logits
+        if (sh, sw) != (h, w):
+          logits = jax.image.resize(logits, (b, h, w, logits.shape[-1]), 'bilinear')
+        probs = probs + jax.nn.softmax(logits, axis=-1)
+        n += 1
   return jnp.log(probs / n + 1e-12)

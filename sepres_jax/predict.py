@@ -159,7 +159,10 @@ def predict(config, workdir: str) -> int:
       config.predict.output or os.path.join(workdir, 'predictions')))
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   _, state, _, origin = evaluate.trained_state(config, workdir)
-  forward = Forward(state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats},
+  ensemble = evaluate.members(config, state)
+  if len(ensemble) > 1:
+    origin += f' and {len(ensemble) - 1} ensemble member(s)'
+  forward = Forward(state.apply_fn, ensemble[0] if len(ensemble) == 1 else ensemble,
                     config.eval.flip, config.eval.scales)
   print(f'predicting {len(paths)} file(s) with the {origin}, input {mode}, into {out_dir}')
   done, skipped = predict_files(config, forward, paths, out_dir)

@@ -119,9 +119,14 @@ def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> d
                                                 f'{step}).', rel))
   results = {'workdir': os.path.relpath(workdir, os.getcwd()), 'step': step}
   scores_path = os.path.join(workdir, 'eval', f'{eval_split}.json')
+  scores = None
   if os.path.exists(scores_path):
     with open(scores_path) as f:
       scores = json.load(f)
+  if scores and scores.get('ensemble'):  # Not these weights' figures: left out.
+    print(f'{scores_path} scores an ensemble (eval.ensemble={",".join(scores["ensemble"])}): '
+          'its figures are not copied into results.json')
+  elif scores:
     results.update({k: scores[k] for k in ('split', 'miou', 'pixel_accuracy', 'mean_class_accuracy',
                                            'num_images', 'checkpoint', 'input', 'flip', 'scales')
                     if k in scores})

@@ -79,3 +79,33 @@ def train_tiny(root, **fields):
     node[leaf] = value
   train.train_and_evaluate(config, str(root / 'run'))
   return config, str(root / 'run')
+
+
+def weights_folder(config, folder, seed, noise=0.0):
+  """A pretrained-style folder (weights/) of the config's network, initialised from `seed`.
+
+  `noise` > 0 adds Gaussian noise of that scale to every parameter: an untrained network predicts
+  nearly uniform probabilities, and two of them then differ as trained ones do.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from sepres_jax import train  # pylint: disable=g-import-not-at-top
+  model = train.models.create_model(config, train.num_outputs(config))
+  state = train.create_train_state(config, model, jax.random.key(seed), train.make_mesh())
+  state = state.replace(params=perturbed(state.params, seed, noise))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(folder, 'weights'),
+                      jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
+    checkpointer.wait_until_finished()
+  return str(folder)
+
+
+def perturbed(params, seed, noise):
+  """`params` plus Gaussian noise of scale `noise` (unchanged when 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not noise:
+    return params
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + noise * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])

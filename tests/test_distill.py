@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import weights_folder
 from configs import default
 from sepres_jax import augment
 from sepres_jax import distill
@@ -121,23 +122,11 @@ def test_weight_without_teacher_is_a_one_line_error(tiny_config):
     distill.enabled(tiny_config)
 
 
-def _teacher(config, folder):
-  """A pretrained-style folder (weights/) of this architecture, seeded apart from the student."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  model = train.models.create_model(config, train.num_outputs(config))
-  state = train.create_train_state(config, model, jax.random.key(7), train.make_mesh())
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(folder, 'weights'),
-                      jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
-    checkpointer.wait_until_finished()
-  return str(folder)
-
-
 def test_a_run_distils_from_a_teacher(tiny_config, tmp_path):
   config = tiny_config
   config.num_epochs = 1
   sources, _ = input_pipeline.load_sources(config.data)
-  config.distill.teacher = _teacher(config, tmp_path / 'teacher')
+  config.distill.teacher = weights_folder(config, tmp_path / 'teacher', seed=7)
   config.distill.weight = 1.0
   config.distill.scales = (1.0, 1.25)
   probs = distill.teacher_probabilities(config, sources['train'], train.make_mesh())
@@ -167,3 +156,20 @@ def test_benchmark_times_a_distilling_step(tiny_config, capsys):
   assert benchmark.benchmark(tiny_config) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result['train_images_per_sec'] > 0 and result['train_gflops_per_image'] > 0
+
+
+def test_an_ensemble_teacher_averages_its_members(tiny_config, tmp_path):
+  """distill.teacher='a,b': the members' probabilities averaged (to uint8 rounding)."""
+  config = tiny_config
+  config.distill.weight, config.distill.flip, config.distill.scales = 1.0, False, (1.0,)
+  source = input_pipeline.load_sources(config.data)[0]['train']
+  a = weights_folder(config, tmp_path / 'a', seed=7, noise=0.3)
+  b = weights_folder(config, tmp_path / 'b', seed=8, noise=0.3)
+  mesh = train.make_mesh()
+  probs = {}
+  for name, teacher in (('a', a), ('b', b), ('ab', f'{a}, {b}')):
+    config.distill.teacher = teacher
+    probs[name] = [p.astype(int) for p in distill.teacher_probabilities(config, source, mesh)[:2]]
+  for pa, pb, pab in zip(probs['a'], probs['b'], probs['ab']):
+    assert np.abs(pa - pb).max() > 20  # The members disagree ...
+    assert np.abs(2 * pab - (pa + pb)).max() <= 3  # ... and the ensemble is their mean.

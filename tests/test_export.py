@@ -164,6 +164,7 @@ def _flatten(tree, prefix=''):
     ('no_checkpoint', 'no checkpoint in'),
     ('lab', 'data.lab'),
     ('native_scales', 'eval.scales'),
+    ('ensemble', 'eval.ensemble'),
 ])
 def test_one_line_errors(tiny_config, tmp_path, capsys, what, expected):
   if what == 'lab':
@@ -171,6 +172,8 @@ def test_one_line_errors(tiny_config, tmp_path, capsys, what, expected):
   elif what == 'native_scales':
     tiny_config.predict.resize = 'native'
     tiny_config.eval.scales = (0.5, 1.0)
+  elif what == 'ensemble':
+    tiny_config.eval.ensemble = str(tmp_path / 'other_run')
   assert cli.run('export', tiny_config, str(tmp_path / 'run')) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error:') and expected in err[0], err

@@ -1,15 +1,19 @@
 """--mode=predict on any images and videos, and --mode=summary, from a tiny model trained once."""
 
 import glob
+import json
 import os
 import shutil
 
 import cv2
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import ROOT
 from conftest import train_tiny
+from conftest import weights_folder
 from sepres_jax import cli
 from sepres_jax import drawing
 from sepres_jax import evaluate
@@ -86,6 +90,45 @@ def test_prediction_equals_evaluation_path(trained, tmp_path, mode):
   h, w = ids.shape
   assert (h, w) == (config.data.synthetic.height, config.data.synthetic.width)
   np.testing.assert_array_equal(ids, per_example['pred'][k][:h, :w])
+
+
+def test_ensemble_in_evaluate_and_predict(trained, tmp_path, capsys):
+  """eval.ensemble: evaluate and predict average the members' probabilities, the same way."""
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.input, config.eval.num_panels = 'native', 0
+  config.eval.ensemble = weights_folder(config, tmp_path / 'member', seed=3, noise=0.3)
+  source = input_pipeline.load_sources(config.data)[0]['train']
+  _, state, mesh, _ = evaluate.trained_state(config, workdir)
+  own, member = evaluate.members(config, state)
+  batches = lambda: input_pipeline.eval_batches(source, config.data, global_batch_size=4,
+                                                resize=False)
+  batch, _, both = next(evaluate.eval_pass(state, mesh, batches(), others=[member]))
+  _, _, alone = next(evaluate.eval_pass(state, mesh, batches()))
+  probs = sum(jax.nn.softmax(state.apply_fn(v, batch['image'], train=False)) for v in (own, member))
+  np.testing.assert_array_equal(both['pred'], np.argmax(probs, -1))
+  assert (both['pred'] != alone['pred']).mean() > 0.05  # The member counts.
+  # --mode=predict on a training image's file gives the same classes.
+  k = 1
+  name = source[int(batch['index'][k])]['file_name'].decode()
+  [path] = glob.glob(os.path.join(config.data.cache_dir, 'synthetic-*', 'train', name))
+  config.predict.input, config.predict.output = path, str(tmp_path / 'out')
+  assert cli.run('predict', config, workdir) == 0
+  assert 'and 1 ensemble member(s)' in capsys.readouterr().out
+  ids = np.asarray(Image.open(tmp_path / 'out' / (os.path.splitext(name)[0] + '.png')))
+  np.testing.assert_array_equal(ids, both['pred'][k][:ids.shape[0], :ids.shape[1]])
+  # --mode=evaluate records the members; a wrong member is one line naming it.
+  config.eval.split = 'val'
+  assert cli.run('evaluate', config, workdir) == 0
+  assert '1 ensemble member(s)' in capsys.readouterr().out
+  with open(os.path.join(workdir, 'eval', 'val.json')) as f:
+    assert json.load(f)['ensemble'] == [config.eval.ensemble]
+  for wrong, expected in ((str(tmp_path / 'nowhere'), 'nowhere'),
+                          (str(ROOT / 'pretrained' / 'camvid_sepres_w192_h512'), 'not in this model')):
+    config.eval.ensemble = f'{workdir},{wrong}'
+    assert cli.run('evaluate', config, workdir) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error:') and expected in err[0], err
 
 
 def _write_video(path, frames, fps, fourcc='FFV1'):

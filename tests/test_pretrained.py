@@ -67,6 +67,16 @@ def test_pack_writes_weights_config_and_scores_that_reproduce(packed_run, tmp_pa
   assert again['checkpoint'] == os.fspath(out)
 
 
+def test_pack_leaves_out_an_ensembles_scores(packed_run, tmp_path, capsys):
+  """Scores of an evaluation with eval.ensemble are not the packed weights' own: left out."""
+  _, workdir, _, _, scores = packed_run
+  with open(os.path.join(workdir, 'eval', 'val.json'), 'w') as f:
+    json.dump(dict(scores, split='val', ensemble=['runs/other']), f, default=float)
+  results = pretrained.pack(workdir, os.fspath(tmp_path / 'out'), 'val')
+  assert 'miou' not in results and 'iou' not in results
+  assert 'scores an ensemble' in capsys.readouterr().out
+
+
 def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(packed_run, tmp_path):
   """init_from into a model with finer skips (training's path): stored arrays are loaded, the new
   layers keep their initial values; a stored array the model lacks or reshapes is a one-line error."""

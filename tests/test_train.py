@@ -1,10 +1,13 @@
 """Train and eval steps, the optimiser's injected learning rate, plateau and early stopping."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
 from sepres_jax import input_pipeline
 from sepres_jax import metrics
 from sepres_jax import train
@@ -183,6 +186,25 @@ def test_test_time_averaging(tiny_config):
   multi = train.models.averaged_logits(state.apply_fn, v, x, flip=True, scales=(0.5, 1.0, 1.5))
   assert multi.shape == plain.shape and np.isfinite(np.asarray(multi)).all()
   np.testing.assert_allclose(np.exp(multi).sum(-1), 1.0, rtol=1e-4)
+
+
+def test_ensemble_averages_the_members_probabilities(tiny_config):
+  """A list of members: the mean of each member's (flip/scale-averaged) probabilities."""
+  model = train.models.create_model(tiny_config, train.num_outputs(tiny_config))
+  members = []
+  for seed in (0, 1):
+    state = train.create_train_state(tiny_config, model, jax.random.key(seed), train.make_mesh())
+    # Noise: an untrained network's probabilities are nearly uniform, two of them nearly equal.
+    members.append({'params': perturbed(state.params, seed, 0.3), 'batch_stats': state.batch_stats})
+  x = jnp.asarray(_batch(tiny_config, 2)['image'])
+  avg = functools.partial(train.models.averaged_logits, state.apply_fn, images=x)
+  np.testing.assert_array_equal(avg(members[:1]), avg(members[0]))  # One member: plain logits.
+  for flip, scales in ((False, (1.0,)), (True, (1.0, 1.25))):
+    # Softmax: one member unflipped at scale 1 gives raw logits, anything else log-probabilities.
+    each = [np.asarray(jax.nn.softmax(avg(m, flip=flip, scales=scales))) for m in members]
+    assert np.abs(each[0] - each[1]).max() > 0.05  # Two different networks ...
+    both = np.asarray(jax.nn.softmax(avg(members, flip=flip, scales=scales)))
+    np.testing.assert_allclose(both, (each[0] + each[1]) / 2, atol=1e-5)  # ... averaged.
 
 
 def test_weight_decay_is_decoupled_and_spares_1d_arrays(tiny_config):
