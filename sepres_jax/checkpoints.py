@@ -188,3 +188,8 @@ def abstract_like(tree):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
       tree)
+
+
+def path_list(value: str) -> list[str]:
+  """The comma-separated paths of a config field (eval.ensemble, distill.teacher), in order."""
+  return [p.strip() for p in str(value).split(',') if p.strip()]

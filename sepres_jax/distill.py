@@ -2,12 +2,12 @@
 
 With `config.distill.weight` > 0 and `config.distill.teacher` (a workdir or a pretrained/<name>
 folder holding weights of this run's architecture, or several comma-separated: an ensemble whose
-probabilities are averaged, as `eval.ensemble` averages them), each training image is predicted once, before
-the first step, at its native size the way --mode=evaluate predicts (`eval.input`), averaged over
-`distill.flip` and `distill.scales` (a teacher with test-time augmentation, which one forward pass
-of the student then learns to match). The probabilities are kept as uint8 per pixel and class
-(11 bytes a pixel for CamVid: 0.7 GB for its 367 training images) and go through the same scale,
-crop and flip as the labels. The loss adds `weight` times the cross-entropy of the student's
+probabilities are averaged, as `eval.ensemble` averages them), each training image is predicted
+once, before the first step, at its native size the way --mode=evaluate predicts (`eval.input`),
+averaged over `distill.flip` and `distill.scales` (a teacher with test-time augmentation, which
+one forward pass of the student then learns to match). The probabilities are kept as uint8 per
+pixel and class (11 bytes a pixel for CamVid: 0.7 GB for its 367 training images) and go through
+the same scale, crop and flip as the labels. The loss adds `weight` times the cross-entropy of the student's
 softmax against them, over the pixels the labels count (void and crop padding excluded).
 
 Only training images are predicted, so the protocol holds: val/ still selects, test/ only reports.
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sepres_jax import checkpoints
 from sepres_jax import metrics
 from sepres_jax import models
 
@@ -35,15 +36,10 @@ def enabled(config) -> bool:
   from sepres_jax import train  # pylint: disable=g-import-not-at-top
   if float(d.weight) < 0:
     raise train.RunError(f'config.distill.weight must be >= 0, got {d.weight}')
-  if not teacher_paths(config):
+  if not checkpoints.path_list(config.distill.teacher):
     raise train.RunError('config.distill.weight > 0 needs config.distill.teacher (a workdir or a '
                          'pretrained/<name> folder)')
   return True
-
-
-def teacher_paths(config) -> list[str]:
-  """config.distill.teacher's comma-separated paths, in order."""
-  return [p.strip() for p in str(config.distill.teacher).split(',') if p.strip()]
 
 
 class SoftTargets:
@@ -73,7 +69,7 @@ def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
   d = config.distill
   model = models.create_model(config, train.num_outputs(config))
   state = train.create_train_state(config, model, jax.random.key(0), mesh)
-  teachers = teacher_paths(config)
+  teachers = checkpoints.path_list(config.distill.teacher)
   variables = [evaluate.load_weights(p, state) for p in teachers]
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   flip, scales = bool(d.flip), tuple(float(s) for s in d.scales)

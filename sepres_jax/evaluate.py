@@ -175,15 +175,6 @@ def trained_state(config, workdir: str):
   return model, state, mesh, f'{config.eval.checkpoint} checkpoint (step {step})'
 
 
-def ensemble_paths(config) -> list[str]:
-  """The paths in config.eval.ensemble (comma-separated), in order; [] when unset."""
-  value = config.eval.get('ensemble', '')
-  if not isinstance(value, str):
-    raise train.RunError(f'config.eval.ensemble must be a comma-separated string of paths, '
-                         f'got {value!r}')
-  return [p.strip() for p in value.split(',') if p.strip()]
-
-
 def members(config, state) -> list[dict]:
   """{'params', 'batch_stats'} of `state`, then of each config.eval.ensemble path.
 
@@ -192,6 +183,11 @@ def members(config, state) -> list[dict]:
   """
   own = {'params': state.params, 'batch_stats': state.batch_stats}
   return [own] + [load_weights(p, state) for p in ensemble_paths(config)]
+
+
+def ensemble_paths(config) -> list[str]:
+  """config.eval.ensemble's paths, in order ([] when unset)."""
+  return checkpoints.path_list(config.eval.get('ensemble', ''))
 
 
 def evaluate(config, workdir: str) -> dict:

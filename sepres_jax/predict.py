@@ -162,8 +162,7 @@ def predict(config, workdir: str) -> int:
   ensemble = evaluate.members(config, state)
   if len(ensemble) > 1:
     origin += f' and {len(ensemble) - 1} ensemble member(s)'
-  forward = Forward(state.apply_fn, ensemble[0] if len(ensemble) == 1 else ensemble,
-                    config.eval.flip, config.eval.scales)
+  forward = Forward(state.apply_fn, ensemble, config.eval.flip, config.eval.scales)
   print(f'predicting {len(paths)} file(s) with the {origin}, input {mode}, into {out_dir}')
   done, skipped = predict_files(config, forward, paths, out_dir)
   print(f'predicted {done} of {len(paths)} file(s) into {out_dir}'
