@@ -98,6 +98,9 @@ def get_config():
   config.distill.weight = 0.0  # 0: off.
   config.distill.flip = True  # The teacher's predictions average the mirror image's ...
   config.distill.scales = (0.75, 1.0, 1.25)  # ... and these input scales'.
+  # Keep the teacher's targets in <workdir>/distill_targets.npz, reused when the run resumes with
+  # the same teacher weights, images and settings (a fingerprint of them is checked).
+  config.distill.cache = True
   config.schedule = 'constant'  # Per-step multiplier: 'constant', 'cosine' or 'polynomial'.
   config.warmup_steps = 0  # Linear warm-up steps (any schedule).
   config.end_factor = 0.0  # Final multiplier of 'cosine' and 'polynomial'.

@@ -11,9 +11,17 @@ the same scale, crop and flip as the labels. The loss adds `weight` times the cr
 softmax against them, over the pixels the labels count (void and crop padding excluded).
 
 Only training images are predicted, so the protocol holds: val/ still selects, test/ only reports.
-The targets are computed again (identically) when a run resumes.
+With `distill.cache` (default on) the targets are kept in `<workdir>/distill_targets.npz` (zlib;
+one file per process in a multi-process run) beside a fingerprint of what they depend on: the
+teachers' weights, the training images, the model and data settings, `distill.flip`,
+`distill.scales` and `eval.input`. A resumed run whose fingerprint matches loads them instead of
+predicting again; any difference, or a file that cannot be read, recomputes them (logged) and
+writes the file anew (atomically, so an interrupted write leaves no half file behind).
 """
 
+import hashlib
+import json
+import os
 import time
 
 from absl import logging
@@ -59,8 +67,70 @@ class SoftTargets:
     return f'SoftTargets({self.parent!r})'
 
 
-def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
-  """The teacher's uint8 class probabilities of every example of `source`, at its native size."""
+def cache_path(workdir: str) -> str:
+  name = 'distill_targets.npz'
+  if jax.process_count() > 1:  # Workdirs may be shared between hosts: one file each.
+    name = f'distill_targets.{jax.process_index()}.npz'
+  return os.path.join(workdir, name)
+
+
+def fingerprint(config, variables, source) -> str:
+  """A digest of everything the teacher's targets depend on (not the paths it was read from)."""
+  h = hashlib.sha256()
+  data = {k: v for k, v in config.data.to_dict().items() if k not in ('augment', 'manual_dir')}
+  settings = {'data': data, 'model': config.model.to_dict(), 'input': config.eval.input,
+              'flip': bool(config.distill.flip),
+              'scales': [float(s) for s in config.distill.scales], 'count': len(source)}
+  h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+  for member in variables:
+    for leaf in jax.tree.leaves(member):
+      leaf = np.asarray(leaf)
+      h.update(str((leaf.shape, leaf.dtype)).encode())
+      h.update(leaf.tobytes())
+  for i in range(len(source)):
+    image = np.ascontiguousarray(source[i]['image'])
+    h.update(str(image.shape).encode())
+    h.update(image.tobytes())
+  return h.hexdigest()
+
+
+def load_cached(path: str, key: str, count: int):
+  """The cached targets when `path` holds them for `key`, else None (logged why)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as z:
+      if str(z['key']) != key or int(z['count']) != count:
+        logging.info('Distillation targets in %s are for another teacher, data or settings: '
+                     'computing them again', path)
+        return None
+      return [z[f'p{i}'] for i in range(count)]
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Distillation targets in %s could not be read (%s): computing them again',
+                    path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return None
+
+
+def save_cached(path: str, key: str, probs) -> None:
+  """Writes the targets atomically; a failure (a full disk) is logged and training goes on."""
+  tmp = path + '.tmp'
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp, 'wb') as f:
+      np.savez_compressed(f, key=np.asarray(key), count=np.asarray(len(probs)),
+                          **{f'p{i}': p for i, p in enumerate(probs)})
+    os.replace(tmp, path)
+    logging.info('Wrote the distillation targets to %s (%.0f MB)', path,
+                 os.path.getsize(path) / 2**20)
+  except OSError as e:
+    logging.warning('Could not write the distillation targets to %s: %s', path, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def teacher_probabilities(config, source, mesh, workdir: str | None = None) -> list[np.ndarray]:
+  """The teacher's uint8 class probabilities of every example of `source`, at its native size;
+  read from and written to `workdir`'s cache when given and `distill.cache` is on."""
   # Imported here: input_pipeline and augment import this module for its helpers.
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sepres_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -71,6 +141,13 @@ def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
   state = train.create_train_state(config, model, jax.random.key(0), mesh)
   teachers = checkpoints.path_list(config.distill.teacher)
   variables = [evaluate.load_weights(p, state) for p in teachers]
+  path = cache_path(workdir) if workdir and d.get('cache', True) else None
+  if path:
+    key = fingerprint(config, variables, source)
+    cached = load_cached(path, key, len(source))
+    if cached is not None:
+      logging.info('Distillation targets of %d training images read from %s', len(cached), path)
+      return cached
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   flip, scales = bool(d.flip), tuple(float(s) for s in d.scales)
   native = config.eval.input == 'native'
@@ -101,14 +178,16 @@ def teacher_probabilities(config, source, mesh) -> list[np.ndarray]:
                    time.time() - start)
   logging.info('Distillation targets of %d training images from %s in %.0f s', len(out),
                ', '.join(teachers), time.time() - start)
+  if path:
+    save_cached(path, key, out)
   return out
 
 
-def with_teacher(config, source, mesh):
+def with_teacher(config, source, mesh, workdir: str | None = None):
   """`source` with soft targets when distillation is on, else `source` itself."""
   if not enabled(config):
     return source
-  return SoftTargets(source, teacher_probabilities(config, source, mesh))
+  return SoftTargets(source, teacher_probabilities(config, source, mesh, workdir))
 
 
 def resize_soft(soft, size):

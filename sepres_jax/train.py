@@ -425,7 +425,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   verify.check_data(config.data)  # Every problem of the folder listed, once, before building.
   sources, info = input_pipeline.load_sources(config.data)
   # Distillation: the teacher's predictions of the training images join them as soft targets.
-  train_source = distill.with_teacher(config, sources['train'], mesh)
+  train_source = distill.with_teacher(config, sources['train'], mesh, workdir)
   train_iter = input_pipeline.train_iterator(
       train_source, config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())

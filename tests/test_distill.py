@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +174,56 @@ def test_an_ensemble_teacher_averages_its_members(tiny_config, tmp_path):
   for pa, pb, pab in zip(probs['a'], probs['b'], probs['ab']):
     assert np.abs(pa - pb).max() > 20  # The members disagree ...
     assert np.abs(2 * pab - (pa + pb)).max() <= 3  # ... and the ensemble is their mean.
+
+
+def test_targets_are_cached_in_the_workdir_and_recomputed_when_stale(tiny_config, tmp_path,
+                                                                     monkeypatch):
+  """A resumed run reads the targets back; other weights, settings or a broken file recompute."""
+  config = tiny_config
+  config.distill.weight, config.distill.flip, config.distill.scales = 1.0, False, (1.0,)
+  config.distill.teacher = weights_folder(config, tmp_path / 'a', seed=7, noise=0.3)
+  source = input_pipeline.load_sources(config.data)[0]['train']
+  mesh, workdir = train.make_mesh(), str(tmp_path / 'run')
+  path = distill.cache_path(workdir)
+  first = distill.teacher_probabilities(config, source, mesh, workdir)
+  assert os.path.exists(path) and not os.path.exists(path + '.tmp')
+  written = os.path.getmtime(path)
+
+  def no_prediction(*args, **kwargs):
+    raise AssertionError('the teacher predicted although its targets were cached')
+
+  with monkeypatch.context() as m:
+    m.setattr(distill.models, 'averaged_logits', no_prediction)
+    again = distill.teacher_probabilities(config, source, mesh, workdir)
+  assert len(again) == len(first)
+  assert all(np.array_equal(x, y) for x, y in zip(first, again))
+  assert os.path.getmtime(path) == written
+
+  def recomputed():
+    with monkeypatch.context() as m:
+      calls = []
+      real = distill.models.averaged_logits
+      m.setattr(distill.models, 'averaged_logits', lambda *a, **k: calls.append(1) or real(*a, **k))
+      probs = distill.teacher_probabilities(config, source, mesh, workdir)
+    assert calls, 'the stale cache was used'
+    return probs
+
+  # Other teacher weights at the same path: recomputed, and different.
+  shutil.rmtree(tmp_path / 'a')
+  weights_folder(config, tmp_path / 'a', seed=8, noise=0.3)
+  other = recomputed()
+  assert any(not np.array_equal(x, y) for x, y in zip(first, other))
+  # Other settings: recomputed.
+  config.distill.scales = (1.0, 1.25)
+  recomputed()
+  # A broken file: recomputed and rewritten, no error.
+  with open(path, 'wb') as f:
+    f.write(b'not an npz')
+  recomputed()
+  with np.load(path) as z:
+    assert int(z['count']) == len(source)
+  # distill.cache=False: neither read nor written.
+  os.remove(path)
+  config.distill.cache = False
+  distill.teacher_probabilities(config, source, mesh, workdir)
+  assert not os.path.exists(path)
