@@ -74,10 +74,15 @@ def cache_path(workdir: str) -> str:
   return os.path.join(workdir, name)
 
 
+# config.data fields that change where or how fast the data is read, not the targets.
+_NOT_IN_FINGERPRINT = ('augment', 'manual_dir', 'cache_dir', 'cache_decoded_mb', 'num_threads',
+                       'num_workers', 'prefetch')
+
+
 def fingerprint(config, variables, source) -> str:
   """A digest of everything the teacher's targets depend on (not the paths it was read from)."""
   h = hashlib.sha256()
-  data = {k: v for k, v in config.data.to_dict().items() if k not in ('augment', 'manual_dir')}
+  data = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
   settings = {'data': data, 'model': config.model.to_dict(), 'input': config.eval.input,
               'flip': bool(config.distill.flip),
               'scales': [float(s) for s in config.distill.scales], 'count': len(source)}
