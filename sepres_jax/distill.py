@@ -105,7 +105,7 @@ def load_cached(path: str, key: str, count: int):
     return None
   try:
     with np.load(path) as z:
-      if str(z['key']) != key or int(z['count']) != count:
+      if str(z['key']) != key:  # The key covers the image count too.
         logging.info('Distillation targets in %s are for another teacher, data or settings: '
                      'computing them again', path)
         return None
@@ -146,7 +146,7 @@ def teacher_probabilities(config, source, mesh, workdir: str | None = None) -> l
   state = train.create_train_state(config, model, jax.random.key(0), mesh)
   teachers = checkpoints.path_list(config.distill.teacher)
   variables = [evaluate.load_weights(p, state) for p in teachers]
-  path = cache_path(workdir) if workdir and d.get('cache', True) else None
+  path = cache_path(workdir) if workdir and d.cache else None
   if path:
     key = fingerprint(config, variables, source)
     cached = load_cached(path, key, len(source))
