@@ -3,11 +3,14 @@
     python benchmarks/ab_impls.py --batch=32 --rounds=6 --impls=fast_cpu,native_cpu
     python benchmarks/ab_impls.py --batch=32 --rounds=16 --impls=native_cpu --against=HEAD~1
 
-An A/B in one process: every round runs each impl's compiled step once, so a change in this shared
-machine's load hits them alike; prints the median seconds per step and each impl's speed relative
-to the first. With --against=REV each impl also runs as that git revision's sepres_jax (its
-package extracted by `git archive` and imported beside this one), listed first, so that a change
-is timed against the code before it. The network is configs/seed.py's (224x224, 12 outputs), on
+An A/B in one process: every round runs each impl's compiled step once, in an order that reverses
+from one round to the next, so a change in this shared machine's load hits them alike; prints the
+median seconds per step and each impl's speed relative to the first: the ratio of the medians,
+the median of the rounds' ratios (paired) and the fastest step (`--series`: every round's too). One round's steps vary by about 10% on this machine, and the same code timed against itself
+gave 0.93x, 0.97x and 1.00x in three runs of 10-12 rounds (2026-12-04): a change of a few percent
+needs 30 rounds or more. With --against=REV each impl also runs as that git revision's sepres_jax
+(its package extracted by `git archive` and imported beside this one), listed first, so that a
+change is timed against the code before it. The network is configs/seed.py's (224x224, 12 outputs), on
 random data; `--shipped` takes the shipped weights' network instead, at the size of its training
 crops (both read from pretrained/camvid_sepres_w192_h512/config.py; `--batch=8` is its batch):
 
@@ -89,6 +92,7 @@ def main():
   parser.add_argument('--shipped', action='store_true',
                       help="the shipped network at its crop size (--size is then ignored)")
   parser.add_argument('--rounds', type=int, default=6)
+  parser.add_argument('--series', action='store_true', help="print every round's seconds too")
   parser.add_argument('--impls', default='fast_cpu,native_cpu')
   parser.add_argument('--against', default='', help='a git revision to time each impl against')
   parser.add_argument('--compiler_options', action='append', default=[], type=json.loads,
@@ -110,18 +114,26 @@ def main():
                                                                options=options)
   impls = list(steps)
   times = {impl: [] for impl in impls}
-  for _ in range(args.rounds):
-    for impl, run in steps.items():
+  for r in range(args.rounds):
+    # The order alternates (ABBA...): run in one fixed order, identical steps timed 7% apart
+    # (2026-12-04, HEAD against itself, the first listed faster), as what one step frees or
+    # leaves in the caches changes the next one's time.
+    for impl in (impls if r % 2 == 0 else impls[::-1]):
       start = time.perf_counter()
-      run()
+      steps[impl]()
       times[impl].append(time.perf_counter() - start)
+  if args.series:
+    for impl in impls:
+      print(impl, ' '.join(f'{t:.3f}' for t in times[impl]))
   base = float(np.median(times[impls[0]]))
   print(f"{'shipped' if args.shipped else 'seed'} network, batch {args.batch}, {h}x{w}, "
         f'median of {args.rounds} rounds')
   width = max(24, *map(len, impls))
   for impl in impls:
     t = float(np.median(times[impl]))
-    print(f'{impl:<{width}} {t:.3f} s/step  {args.batch / t:6.1f} img/s  {base / t:.3f}x')
+    paired = float(np.median(np.divide(times[impls[0]], times[impl])))
+    print(f'{impl:<{width}} {t:.3f} s/step  {args.batch / t:6.1f} img/s  {base / t:.3f}x  '
+          f'(paired {paired:.3f}x, fastest {min(times[impl]):.3f} s)')
 
 
 if __name__ == '__main__':
