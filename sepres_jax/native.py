@@ -8,7 +8,9 @@ exported models are unchanged. `model.impl='auto'` takes native_cpu on CPU when 
 and fast_cpu when they do not (no compiler): `available()` says which and why. With native_cpu the
 Lovasz-softmax loss (`lovasz_weight`) is also compiled: its loss and gradient in two passes per
 image, where XLA's histogram form made many (2.8x faster alone, the shipped network's train step
-1.07-1.08x; benchmarks/lovasz_ab.py).
+1.07-1.08x; benchmarks/lovasz_ab.py). `materialize` is the identity as a call XLA cannot fuse
+through: the max-pools' int8 residual is written in the forward pass instead of recomputed, with
+the layers before it, in the backward pass.
 
 Under jit over several devices (the train step's 'data' mesh) each call is partitioned by the
 batch (`jax.experimental.custom_partitioning`): every device runs the kernel on its own images, and
@@ -41,6 +43,7 @@ TARGETS = {  # FFI target name -> exported symbol.
     'sepres_depthwise3x3_kernel_grad': 'SepresDepthwise3x3KernelGrad',
     'sepres_dense_kernel_grad': 'SepresDenseKernelGrad',
     'sepres_lovasz_softmax': 'SepresLovaszSoftmax',
+    'sepres_materialize': 'SepresMaterialize',
 }
 _FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-w')
 
@@ -192,6 +195,11 @@ def _lovasz_softmax_call(logits, labels, bins):
                           vmap_method='sequential')(logits, labels, bins=np.int64(bins))
 
 
+def _materialize_call(x):
+  return jax.ffi.ffi_call('sepres_materialize', jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          vmap_method='broadcast_all', input_output_aliases={0: 0})(x)
+
+
 # Only the batch factor may be split: every other factor must be whole on each device.
 _depthwise3x3 = _by_batch(_depthwise3x3_call, 'b h w c, i j k c -> b h w c',
                           batched=(True, False))
@@ -202,6 +210,8 @@ _dense_kernel_grad = _by_batch(_dense_kernel_grad_call, 'b h w c, b h w o -> i j
                                batched=(True, True), summed=(0,), static_argnums=(2,))
 _lovasz_softmax = _by_batch(_lovasz_softmax_call, 'n p k, n p -> n, n, n p k',
                             batched=(True, True), static_argnums=(2,))
+
+_materialize = _by_batch(_materialize_call, 'b h w c -> b h w c', batched=(True,))
 
 
 def depthwise3x3(x, kernel):
@@ -229,3 +239,11 @@ def lovasz_softmax(logits, labels, bins: int):
   [N, P, K] and int32 labels [N, P] (metrics.lovasz_softmax's histogram form, `bins` bins)."""
   _require()
   return _lovasz_softmax(logits, labels, int(bins))
+
+
+def materialize(x):
+  """x [B, H, W, C] itself, written to memory: XLA's fusions then read it rather than recompute
+  its producers, which they may duplicate into each consumer, forward and backward. The result
+  aliases x's buffer (no copy). Not differentiable: meant for the residuals of custom VJPs."""
+  _require()
+  return _materialize(x)

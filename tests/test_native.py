@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import re
 import shutil
 import textwrap
 
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import run_on_devices
 from sepres_jax import native
+from sepres_jax import ops
 
 HAS_COMPILER = native._compiler() is not None  # pylint: disable=protected-access
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
@@ -102,6 +104,24 @@ def test_dense_kernel_grad_against_float64(shape, k, cout):
   np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(not native.available()[0], reason='compiled kernels unavailable')
+def test_materialize_is_the_identity_and_keeps_the_pool_residual():
+  """Any dtype, under jit; and the native_cpu max-pool's gradient reads its int8
+  residual from the call rather than recomputing the layers before it."""
+  for dtype in (np.float32, np.int8):
+    x = (np.arange(2 * 3 * 4 * 5) % 7).reshape(2, 3, 4, 5).astype(dtype)
+    np.testing.assert_array_equal(jax.jit(lambda v: native.materialize(v + 1))(x), x + 1)
+  img = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+  k = np.random.default_rng(1).standard_normal((3, 3, 3, 4)).astype(np.float32)
+  f = lambda k: jnp.sum(ops.max_pool2x2(jax.nn.relu(ops.conv(img, k, 'native_cpu')),
+                                        'native_cpu') ** 2)
+  hlo = jax.jit(jax.grad(f)).lower(k).compile().as_text()
+  assert re.search(r's8\[2,4,4,4\]\{[^}]*\} custom-call\(.*"sepres_materialize"', hlo), hlo
+  want = jax.grad(lambda k: jnp.sum(ops.max_pool2x2(jax.nn.relu(ops.conv(img, k, 'xla')),
+                                                    'xla') ** 2))(k)
+  np.testing.assert_allclose(jax.jit(jax.grad(f))(k), want, rtol=1e-4, atol=1e-4)
+
+
 _PARTITION_SCRIPT = textwrap.dedent("""
     import json, re
     import jax, jax.numpy as jnp, numpy as np
@@ -118,6 +138,7 @@ _PARTITION_SCRIPT = textwrap.dedent("""
 
     def loss(x, img, dw, stem):
       h = ops.depthwise_conv3x3(x, dw, 'native_cpu') + ops.conv(img, stem, 'native_cpu')
+      h = h + jnp.repeat(jnp.repeat(ops.max_pool2x2(h, 'native_cpu'), 2, 1), 2, 2)
       logits = h[..., :11]
       total, count = metrics.lovasz_softmax(logits, labels, use_native=True)
       return total / count + jnp.mean(h ** 2)
@@ -150,7 +171,8 @@ def test_kernels_are_partitioned_by_the_batch_over_a_mesh():
   r = run_on_devices(_PARTITION_SCRIPT, 4)
   targets = {t for t, _ in r['calls']}
   assert targets == {'sepres_depthwise3x3', 'sepres_depthwise3x3_kernel_grad',
-                     'sepres_dense_kernel_grad', 'sepres_lovasz_softmax'}, r['calls']
+                     'sepres_dense_kernel_grad', 'sepres_lovasz_softmax',
+                     'sepres_materialize'}, r['calls']
   assert all(first == '2' for _, first in r['calls']), r['calls']  # 8 images / 4 devices.
   assert r['all_gather'] == 0
   for got, want in zip(r['out']['mesh4'], r['out']['single']):

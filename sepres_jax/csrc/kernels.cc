@@ -343,6 +343,15 @@ ffi::Error LovaszSoftmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buf
   return ffi::Error::Success();
 }
 
+// The identity, its result aliasing its operand: a call XLA cannot fuse through, so the operand
+// is written to memory once and its consumers read it instead of recomputing it.
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (y->untyped_data() != x.untyped_data()) {
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresDepthwise3x3, Depthwise3x3,
@@ -375,3 +384,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresLovaszSoftmax, LovaszSoftmax,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SepresMaterialize, Materialize,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
