@@ -88,9 +88,12 @@ def test_kernel_grad_against_float64():
 
 @pytest.mark.skipif(not native.available()[0], reason='compiled kernels unavailable')
 @pytest.mark.parametrize('shape, k, cout', [((3, 7, 5, 3), 3, 5), ((2, 1, 9, 1), 5, 17),
-                                            ((5, 12, 10, 2), 3, 16)])
+                                            ((5, 12, 10, 2), 3, 16), ((4, 9, 11, 3), 3, 24),
+                                            ((2, 2, 6, 3), 3, 16), ((3, 5, 1, 3), 3, 40)])
 def test_dense_kernel_grad_against_float64(shape, k, cout):
-  """The stem's kernel gradient: borders of a single row, odd output counts, many tasks."""
+  """The stem's kernel gradient: borders of a single row, odd output counts, many tasks; the
+  3x3x3 kernel's register-blocked interior with whole and partial blocks of 16 outputs, and
+  inputs with no interior pixel."""
   rng = np.random.default_rng(4)
   x = rng.standard_normal(shape).astype(np.float32)
   g = rng.standard_normal(shape[:3] + (cout,)).astype(np.float32)
