@@ -209,7 +209,7 @@ void DenseKernelGradRows(const float* x, const float* g, float* acc, int64_t h, 
 // The same sums for a KHxKW kernel over CIN input channels (the stem's 3x3x3), over the pixels
 // whose every tap lies inside the image, 16 output channels at a time: the KH*KW*CIN partial sums
 // of a block stay in vector registers across the pixels (27 of them for the stem), where the
-// general loop above loads and stores them for every pixel (4-6x slower). Border pixels are left
+// general loop above loads and stores them for every pixel (4-9x slower). Border pixels are left
 // to DenseKernelGradRows(..., border_only=true).
 typedef float Vec16 __attribute__((vector_size(64)));
 
