@@ -1,7 +1,7 @@
 """The whole train step (forward and backward) of each `model.impl`, timed in turns in one process.
 
     python benchmarks/ab_impls.py --batch=32 --rounds=6 --impls=fast_cpu,native_cpu
-    python benchmarks/ab_impls.py --batch=32 --rounds=16 --impls=native_cpu --against=HEAD~1
+    python benchmarks/ab_impls.py --batch=32 --rounds=30 --impls=native_cpu --against=HEAD~1
 
 An A/B in one process: every round runs each impl's compiled step once, in an order that reverses
 from one round to the next, so a change in this shared machine's load hits them alike; prints the
