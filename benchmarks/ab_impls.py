@@ -6,13 +6,14 @@
 An A/B in one process: every round runs each impl's compiled step once, in an order that reverses
 from one round to the next, so a change in this shared machine's load hits them alike; prints the
 median seconds per step and each impl's speed relative to the first: the ratio of the medians,
-the median of the rounds' ratios (paired) and the fastest step (`--series`: every round's too). One round's steps vary by about 10% on this machine, and the same code timed against itself
-gave 0.93x, 0.97x and 1.00x in three runs of 10-12 rounds (2026-12-04): a change of a few percent
+the median of the rounds' ratios (paired) and the fastest step (`--series`: every round's too).
+One round's steps vary by about 10% on this machine, and the same code timed against itself gave
+0.93x, 0.97x and 1.00x in three runs of 10-12 rounds (2026-12-04): a change of a few percent
 needs 30 rounds or more. With --against=REV each impl also runs as that git revision's sepres_jax
 (its package extracted by `git archive` and imported beside this one), listed first, so that a
-change is timed against the code before it. The network is configs/seed.py's (224x224, 12 outputs), on
-random data; `--shipped` takes the shipped weights' network instead, at the size of its training
-crops (both read from pretrained/camvid_sepres_w192_h512/config.py; `--batch=8` is its batch):
+change is timed against the code before it. The network is configs/seed.py's (224x224, 12
+outputs), on random data; `--shipped` takes the shipped weights' network instead, at the size of
+its training crops (both read from pretrained/camvid_sepres_w192_h512/config.py; `--batch=8` is its batch):
 
     python benchmarks/ab_impls.py --shipped --batch=8 --rounds=8 --impls=native_cpu --against=HEAD~1
 
@@ -67,6 +68,24 @@ def package_at(rev, into):
     sys.modules.update(ours)
 
 
+def timed_in_turns(fns, rounds):
+  """{name: [seconds of each round]} of calling each of `fns` (name -> function of no
+  arguments that blocks until its result is ready) once a round, `rounds` times.
+
+  The order alternates (ABBA...): run in one fixed order, identical steps timed 7% apart
+  (2026-12-04, HEAD against itself, the first listed faster), as what one step frees or leaves
+  in the caches changes the next one's time.
+  """
+  names = list(fns)
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      start = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
 def compiled_step(impl, config, images, labels, network=models, options=None):
   config = config.copy_and_resolve_references()
   config.model.impl = impl
@@ -113,15 +132,7 @@ def main():
         steps[f'{impl}+{json.dumps(options)}'] = compiled_step(impl, config, images, labels,
                                                                options=options)
   impls = list(steps)
-  times = {impl: [] for impl in impls}
-  for r in range(args.rounds):
-    # The order alternates (ABBA...): run in one fixed order, identical steps timed 7% apart
-    # (2026-12-04, HEAD against itself, the first listed faster), as what one step frees or
-    # leaves in the caches changes the next one's time.
-    for impl in (impls if r % 2 == 0 else impls[::-1]):
-      start = time.perf_counter()
-      steps[impl]()
-      times[impl].append(time.perf_counter() - start)
+  times = timed_in_turns(steps, args.rounds)
   if args.series:
     for impl in impls:
       print(impl, ' '.join(f'{t:.3f}' for t in times[impl]))

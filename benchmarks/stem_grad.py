@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from ab_impls import package_at  # pylint: disable=g-bad-import-order
+from ab_impls import package_at, timed_in_turns  # pylint: disable=g-bad-import-order
 from sepres_jax import native
 
 
@@ -41,17 +40,14 @@ def run(old, args):
     fns = {name: jax.jit(lambda x, g, m=m: m.dense_kernel_grad(x, g, (3, 3, 3, cout)))
            for name, m in [(args.against, old), ('this checkout', native)]}
     results = {name: np.asarray(f(x, g)) for name, f in fns.items()}
-    times = {name: [] for name in fns}
-    for r in range(args.rounds):
-      for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-        start = time.perf_counter()
-        jax.block_until_ready(fns[name](x, g))
-        times[name].append(time.perf_counter() - start)
+    times = timed_in_turns({name: lambda f=f: jax.block_until_ready(f(x, g))
+                            for name, f in fns.items()}, args.rounds)
     t_old, t_new = (float(np.median(t)) * 1e3 for t in times.values())
     a, b_ = results.values()
     diff = float(np.abs(a - b_).max() / np.abs(a).max())
     print(f'{b}x{h}x{w}, {cout} outputs: {args.against} {t_old:.1f} ms, this checkout '
-          f'{t_new:.1f} ms, {t_old / t_new:.2f}x; largest difference {diff:.1e} of the largest entry')
+          f'{t_new:.1f} ms, {t_old / t_new:.2f}x; largest difference {diff:.1e} of the largest '
+          'entry')
 
 
 if __name__ == '__main__':
