@@ -13,7 +13,8 @@ needs 30 rounds or more. With --against=REV each impl also runs as that git revi
 (its package extracted by `git archive` and imported beside this one), listed first, so that a
 change is timed against the code before it. The network is configs/seed.py's (224x224, 12
 outputs), on random data; `--shipped` takes the shipped weights' network instead, at the size of
-its training crops (both read from pretrained/camvid_sepres_w192_h512/config.py; `--batch=8` is its batch):
+its training crops (both read from pretrained/camvid_sepres_w192_h512/config.py; `--batch=8` is
+its batch):
 
     python benchmarks/ab_impls.py --shipped --batch=8 --rounds=8 --impls=native_cpu --against=HEAD~1
 
