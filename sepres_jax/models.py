@@ -82,7 +82,8 @@ class SeparableConv(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
     x = x.astype(self.dtype)
     y = ops.depthwise_conv3x3(x, depthwise.astype(self.dtype), self.impl, self.rate)
-    return ops.pointwise_conv(y, pointwise.astype(self.dtype)) + bias.astype(self.dtype)
+    y = ops.pointwise_conv(y, pointwise.astype(self.dtype), self.impl)
+    return y + bias.astype(self.dtype)
 
 
 class BatchNormAct(nn.Module):

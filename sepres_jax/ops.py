@@ -127,16 +127,45 @@ def _depthwise_native_bwd(res, g):
 _depthwise_native.defvjp(_depthwise_fwd, _depthwise_native_bwd)
 
 
-def pointwise_conv(x, kernel):
+def pointwise_conv(x, kernel, impl='xla'):
   """1x1 convolution as a matrix product over the channel axis. kernel: [1, 1, Cin, Cout]."""
-  return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+  if impl == 'xla':
+    return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+  return _pointwise_by_product(x, kernel[0, 0])
+
+
+@jax.custom_vjp
+def _pointwise_by_product(x, kernel):
+  return jnp.einsum('bhwc,cd->bhwd', x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+  return _pointwise_by_product(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, g):
+  # The kernel's gradient sum_n x[n]^T g[n] as a product whose left operand is the narrower of x
+  # and g, transposed (_gram): differentiated by XLA, this product transposed the wider one, or
+  # took a slow strided form: the whole gradient 2.6-2.8x slower at block1's and block2's sizes.
+  x, kernel = residuals
+  cin, cout = kernel.shape
+  x2, g2 = x.reshape(-1, cin), g.reshape(-1, cout)
+  return (g2 @ kernel.T).reshape(x.shape), _gram(x2, g2)
+
+
+def _gram(a, b):
+  """a^T b of two [N, *] matrices, the narrower one transposed."""
+  return a.T @ b if a.shape[1] <= b.shape[1] else (b.T @ a).T
+
+
+_pointwise_by_product.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def conv(x, kernel, impl):
   """KxK convolution, stride 1, SAME padding. kernel: [K, K, Cin, Cout]."""
   kh, kw = kernel.shape[:2]
   if kh == kw == 1:
-    return pointwise_conv(x, kernel)
+    return pointwise_conv(x, kernel, impl)
   if impl == 'xla':
     return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_NHWC)
   if kh * kw * x.shape[-1] <= _DIRECT_MAX_TAPS:
@@ -168,14 +197,50 @@ def _conv_by_rows(x, kernel):
   if not isinstance(h, int):
     return sum(jnp.einsum('bhwk,kd->bhwd', rows[:, i:i + h], kernel[i].reshape(kw * c, d))
                for i in range(kh))
-  out = jnp.zeros((b, h, w, d), jnp.result_type(x, kernel))
+  return _row_products(rows, kernel)
+
+
+def _row_ranges(kh, h):
+  """(kernel row, first output row, end output row, first input row) of each product."""
+  ph = (kh - 1) // 2
   for i in range(kh):
     lo, hi = max(0, ph - i), min(h, h + ph - i)  # Output rows whose input row r + i - ph exists.
     if lo < hi:
-      product = jnp.einsum('bhwk,kd->bhwd', rows[:, lo + i - ph:hi + i - ph],
-                           kernel[i].reshape(kw * c, d))
-      out = out.at[:, lo:hi].add(product)
+      yield i, lo, hi, lo + i - ph
+
+
+@jax.custom_vjp
+def _row_products(rows, kernel):
+  kh, kw, c, d = kernel.shape
+  b, h, w, _ = rows.shape
+  out = jnp.zeros((b, h, w, d), jnp.result_type(rows, kernel))
+  for i, lo, hi, r in _row_ranges(kh, h):
+    product = jnp.einsum('bhwk,kd->bhwd', rows[:, r:r + hi - lo], kernel[i].reshape(kw * c, d))
+    out = out.at[:, lo:hi].add(product)
   return out
+
+
+def _row_products_fwd(rows, kernel):
+  return _row_products(rows, kernel), (rows, kernel)
+
+
+def _row_products_bwd(residuals, g):
+  # Each kernel row's gradient by _gram, which transposes the patches (Kw*Cin columns, 896 on
+  # conv6) instead of the output gradient (Cout, 2048) as XLA's own gradient did.
+  rows, kernel = residuals
+  kh, kw, c, d = kernel.shape
+  b, h, w, _ = rows.shape
+  d_rows = jnp.zeros_like(rows)
+  dk = jnp.zeros_like(kernel)
+  for i, lo, hi, r in _row_ranges(kh, h):
+    gi = g[:, lo:hi].reshape(-1, d)
+    ki = kernel[i].reshape(kw * c, d)
+    d_rows = d_rows.at[:, r:r + hi - lo].add((gi @ ki.T).reshape(b, hi - lo, w, kw * c))
+    dk = dk.at[i].set(_gram(rows[:, r:r + hi - lo].reshape(-1, kw * c), gi).reshape(kw, c, d))
+  return d_rows, dk
+
+
+_row_products.defvjp(_row_products_fwd, _row_products_bwd)
 
 
 # A conv with at most this many input taps (K*K*Cin; the stem's 3x3x3 = 27) runs as broadcast
@@ -270,7 +335,7 @@ def _upsample_by_product_bwd(residuals, g):
   tiles = g.reshape(b, h, s, w, s, cout).transpose(0, 1, 3, 2, 4, 5).reshape(b * h * w, -1)
   k = kernel.transpose(2, 0, 1, 3).reshape(cin, s * s * cout)
   dx = (tiles @ k.T).reshape(x.shape)
-  dk = (x.reshape(-1, cin).T @ tiles).reshape(cin, s, s, cout).transpose(1, 2, 0, 3)
+  dk = _gram(x.reshape(-1, cin), tiles).reshape(cin, s, s, cout).transpose(1, 2, 0, 3)
   return dx, dk
 
 

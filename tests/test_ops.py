@@ -97,6 +97,13 @@ def test_pointwise_conv_equals_lax_conv():
   np.testing.assert_allclose(ops.pointwise_conv(x, w), plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('cin, cout', [(3, 7), (7, 3), (5, 5)])
+def test_pointwise_conv_gradients(cin, cout):
+  """The 1x1 conv's own gradient: the kernel's as a product with either operand transposed."""
+  _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, 5, 6, cin),
+               _rand(1, 1, cin, cout))
+
+
 @pytest.mark.parametrize('s', [2, 4, 8])
 def test_upsample_conv(s):
   _assert_same(lambda impl, x, w: ops.upsample_conv(x, w, impl), _rand(2, 3, 4, 5),
