@@ -1,4 +1,4 @@
-"""The whole train step (forward and backward) of each `model.impl`, timed in turns in one process.
+"""The whole train step (forward and backward), or inference, of each `model.impl`, timed in turns.
 
     python benchmarks/ab_impls.py --batch=32 --rounds=6 --impls=fast_cpu,native_cpu
     python benchmarks/ab_impls.py --batch=32 --rounds=30 --impls=native_cpu --against=HEAD~1
@@ -17,6 +17,11 @@ its training crops (both read from pretrained/camvid_sepres_w192_h512/config.py;
 its batch):
 
     python benchmarks/ab_impls.py --shipped --batch=8 --rounds=8 --impls=native_cpu --against=HEAD~1
+
+`--infer` times inference instead (the class of every pixel, at the config's
+`benchmark.infer_size`, 384x480), as `--mode=benchmark` measures it:
+
+    python benchmarks/ab_impls.py --infer --batch=8 --rounds=20 --impls=native_cpu --against=HEAD~1
 
 Each `--compiler_options=JSON` adds each impl compiled with those XLA options (a JSON object, e.g.
 '{"xla_cpu_prefer_vector_width": 512}'; `XLA_FLAGS=--help` lists them) to the same rounds.
@@ -87,11 +92,16 @@ def timed_in_turns(fns, rounds):
   return times
 
 
-def compiled_step(impl, config, images, labels, network=models, options=None):
+def compiled_step(impl, config, images, labels, network=models, options=None, infer=False):
   config = config.copy_and_resolve_references()
   config.model.impl = impl
   model = network.create_model(config, train.num_outputs(config))
   variables = model.init(jax.random.key(2), images[:1])
+  if infer:  # The benchmark's inference: the class of every pixel.
+    predict = jax.jit(lambda v, x: jax.numpy.argmax(model.apply(v, x, train=False), -1))
+    predict = predict.lower(variables, images).compile(compiler_options=options)
+    jax.block_until_ready(predict(variables, images))
+    return lambda: jax.block_until_ready(predict(variables, images))
 
   def loss(params, batch_stats, images, labels):
     logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
@@ -111,6 +121,9 @@ def main():
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--shipped', action='store_true',
                       help="the shipped network at its crop size (--size is then ignored)")
+  parser.add_argument('--infer', action='store_true',
+                      help="time inference (configs' benchmark.infer_size, 384x480) instead of "
+                      'the train step; --size is then ignored')
   parser.add_argument('--rounds', type=int, default=6)
   parser.add_argument('--series', action='store_true', help="print every round's seconds too")
   parser.add_argument('--impls', default='fast_cpu,native_cpu')
@@ -119,7 +132,10 @@ def main():
                       help='a JSON object of XLA options to time each impl with (repeatable)')
   args = parser.parse_args()
   config = shipped.config() if args.shipped else seed.get_config()
-  h, w = tuple(config.data.image_size) if args.shipped else (args.size, args.size)
+  if args.infer:
+    h, w = tuple(config.benchmark.infer_size)
+  else:
+    h, w = tuple(config.data.image_size) if args.shipped else (args.size, args.size)
   images = jax.random.normal(jax.random.key(0), (args.batch, h, w, 3))
   labels = jax.random.randint(jax.random.key(1), (args.batch, h, w), 0, train.num_outputs(config))
   steps = {}
@@ -127,18 +143,20 @@ def main():
     old = package_at(args.against, tmp) if args.against else None
     for impl in args.impls.split(','):
       if old:
-        steps[f'{impl}@{args.against}'] = compiled_step(impl, config, images, labels, old)
-      steps[impl] = compiled_step(impl, config, images, labels)
+        steps[f'{impl}@{args.against}'] = compiled_step(impl, config, images, labels, old,
+                                                        infer=args.infer)
+      steps[impl] = compiled_step(impl, config, images, labels, infer=args.infer)
       for options in args.compiler_options:
-        steps[f'{impl}+{json.dumps(options)}'] = compiled_step(impl, config, images, labels,
-                                                               options=options)
+        steps[f'{impl}+{json.dumps(options)}'] = compiled_step(
+            impl, config, images, labels, options=options, infer=args.infer)
   impls = list(steps)
   times = timed_in_turns(steps, args.rounds)
   if args.series:
     for impl in impls:
       print(impl, ' '.join(f'{t:.3f}' for t in times[impl]))
   base = float(np.median(times[impls[0]]))
-  print(f"{'shipped' if args.shipped else 'seed'} network, batch {args.batch}, {h}x{w}, "
+  print(f"{'shipped' if args.shipped else 'seed'} network, "
+        f"{'inference' if args.infer else 'train step'}, batch {args.batch}, {h}x{w}, "
         f'median of {args.rounds} rounds')
   width = max(24, *map(len, impls))
   for impl in impls:

@@ -396,7 +396,10 @@ _max_pool2x2_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 @jax.custom_vjp
 def _max_pool2x2_native(x):
-  return _max_pool2x2_reshape(x)
+  # Undifferentiated (inference), the pooled map is written out by the same opaque identity: XLA
+  # otherwise fused the stem's pool into block1's depthwise convolutions and recomputed the stem's
+  # convolution, BatchNorm and ReLU for the window's four entries there, once per consumer.
+  return native.materialize(_max_pool2x2_reshape(x))
 
 
 def _max_pool_native_fwd(x):
