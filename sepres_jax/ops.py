@@ -127,6 +127,11 @@ def _depthwise_native_bwd(res, g):
 _depthwise_native.defvjp(_depthwise_fwd, _depthwise_native_bwd)
 
 
+def _saving_inputs(f):
+  """The forward rule of a custom VJP whose backward rule reads f's two inputs."""
+  return lambda a, b: (f(a, b), (a, b))
+
+
 def pointwise_conv(x, kernel, impl='xla'):
   """1x1 convolution as a matrix product over the channel axis. kernel: [1, 1, Cin, Cout].
 
@@ -140,10 +145,6 @@ def pointwise_conv(x, kernel, impl='xla'):
 @jax.custom_vjp
 def _pointwise_by_product(x, kernel):
   return jnp.einsum('bhwc,cd->bhwd', x, kernel)
-
-
-def _pointwise_fwd(x, kernel):
-  return _pointwise_by_product(x, kernel), (x, kernel)
 
 
 def _pointwise_bwd(residuals, g):
@@ -162,7 +163,7 @@ def _gram(a, b):
   return a.T @ b if a.shape[1] <= b.shape[1] else (b.T @ a).T
 
 
-_pointwise_by_product.defvjp(_pointwise_fwd, _pointwise_bwd)
+_pointwise_by_product.defvjp(_saving_inputs(_pointwise_by_product), _pointwise_bwd)
 
 
 def conv(x, kernel, impl):
@@ -225,10 +226,6 @@ def _row_products(rows, kernel):
   return out
 
 
-def _row_products_fwd(rows, kernel):
-  return _row_products(rows, kernel), (rows, kernel)
-
-
 def _row_products_bwd(residuals, g):
   # Each kernel row's gradient by _gram, which transposes the patches (Kw*Cin columns, 896 on
   # conv6) instead of the output gradient (Cout, 2048) as XLA's own gradient did.
@@ -245,7 +242,7 @@ def _row_products_bwd(residuals, g):
   return d_rows, dk
 
 
-_row_products.defvjp(_row_products_fwd, _row_products_bwd)
+_row_products.defvjp(_saving_inputs(_row_products), _row_products_bwd)
 
 
 # A conv with at most this many input taps (K*K*Cin; the stem's 3x3x3 = 27) runs as broadcast
@@ -325,10 +322,6 @@ def _upsample_by_product(x, kernel):
   return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, cout)
 
 
-def _upsample_by_product_fwd(x, kernel):
-  return _upsample_by_product(x, kernel), (x, kernel)
-
-
 def _upsample_by_product_bwd(residuals, g):
   # The gradient moved back into tiles once, [B*H*W, s*s*Cout], and both products read it in that
   # row-major form. Differentiated by XLA, the kernel's product took that gradient transposed,
@@ -344,7 +337,7 @@ def _upsample_by_product_bwd(residuals, g):
   return dx, dk
 
 
-_upsample_by_product.defvjp(_upsample_by_product_fwd, _upsample_by_product_bwd)
+_upsample_by_product.defvjp(_saving_inputs(_upsample_by_product), _upsample_by_product_bwd)
 
 
 def max_pool2x2(x, impl):
