@@ -11,6 +11,7 @@ size b * process_count, so concatenating the processes' batches in process order
 single-process batch.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,7 @@ import math
 import os
 from pathlib import Path
 import shutil
+import tempfile
 import threading
 
 import cv2
@@ -164,8 +166,29 @@ def _data_folder(data_config, cache_dir):
   return folder
 
 
+@contextlib.contextmanager
+def _tfds_scratch():
+  """Points `tempfile` at a folder removed afterwards, while a tfds builder is made.
+
+  A builder whose data folder is not prepared yet calls `DatasetInfo.initialize_from_bucket`,
+  which makes an empty `/tmp/tmp*tfds` folder (for metadata that, with GCS disabled, never comes)
+  and leaves it behind: one per build, hundreds over the test suite.
+  """
+  with tempfile.TemporaryDirectory(prefix='sepres_tfds_') as scratch:
+    previous, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous
+
+
 def build_dataset(data_config):
   """Builds (or reuses) the tfds dataset; returns the prepared builder."""
+  with _tfds_scratch():
+    return _build_dataset(data_config)
+
+
+def _build_dataset(data_config):
   cache_dir = Path(os.path.abspath(os.path.expanduser(data_config.cache_dir)))
   cache_dir.mkdir(parents=True, exist_ok=True)
   if data_config.name == 'folder':

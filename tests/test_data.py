@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 import pickle
 import shutil
+import tempfile
 
 from absl import flags
 import cv2
@@ -181,6 +182,18 @@ def test_synthetic_name_builds_through_the_builder(tmp_path):
   assert len(folders) == 1
   input_pipeline.load_sources(config)
   assert list((tmp_path / 'cache').glob('synthetic-*')) == folders
+
+
+def test_a_build_leaves_no_temporary_folders(tmp_path, monkeypatch):
+  # tfds makes an empty /tmp/tmp*tfds folder per unprepared builder and never removes it.
+  system_tmp = tmp_path / 'tmp'
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', os.fspath(system_tmp))
+  config = data_config(tmp_path / 'cache')
+  config.synthetic.update(num_train=3, num_val=2, num_test=2, height=16, width=24)
+  input_pipeline.load_sources(config)
+  assert tempfile.tempdir == os.fspath(system_tmp)
+  assert list(system_tmp.iterdir()) == []
 
 
 def test_random85_split(tmp_path, scenes):
