@@ -16,6 +16,10 @@ def get_config():
   config.num_epochs = 120  # Upper bound; early stopping usually ends sooner.
   config.parallelism = 'jit'  # 'jit' (jit over a device Mesh) or 'pmap'.
   config.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  # main.py restarts itself with glibc's malloc on transparent huge pages (glibc.malloc.hugetlb=1):
+  # otherwise every step page-faults its large buffers anew, 4 KB at a time (train step 1.25x on
+  # this CPU; sepres_jax/host_memory.py).
+  config.host_huge_pages = True
   config.init_from = ''  # Checkpoint or pretrained/<name> folder to initialise weights from.
   config.log_every_steps = 10  # Progress line and train scalars every this many steps.
   config.checkpoint_every_steps = 0  # Extra checkpoints inside an epoch (0: end of epoch only).

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sepres_jax import distill
+from sepres_jax import host_memory
 from sepres_jax import models
 from sepres_jax import profiling
 from sepres_jax import train
@@ -122,6 +123,7 @@ def benchmark(config) -> int:
       'matmul_gflops_per_sec': round(peak / 1e9, 1),
       'flops_fraction_of_matmul': round(achieved / peak, 4),
       'peak_rss_mb': round(_peak_rss_mb(), 1),
+      'host_huge_pages': host_memory.active(),
   }
   for what, table in (('train', by_part), ('infer', infer_by_part)):
     if table:

@@ -1,0 +1,81 @@
+"""main.py's restart with glibc's malloc on transparent huge pages (sepres_jax/host_memory.py)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from conftest import run_env
+from sepres_jax import host_memory
+
+# Page faults of a jitted `x * 2` whose 51 MB result malloc maps afresh at every call.
+_FAULTS = '''
+import json, resource
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: x * 2)
+x = jnp.ones((16, 224, 224, 16), jnp.float32)
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  f(x).block_until_ready()
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5))
+'''
+
+
+def _faults_per_call(**env):
+  proc = subprocess.run([sys.executable, '-c', _FAULTS], cwd=ROOT,
+                        env=run_env(JAX_PLATFORMS='cpu', **env), capture_output=True,
+                        text=True, timeout=300, check=True)
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(bool(host_memory.unavailable()), reason=host_memory.unavailable() or 'ok')
+def test_huge_pages_cut_the_page_faults_of_large_buffers():
+  plain = _faults_per_call(GLIBC_TUNABLES='glibc.malloc.hugetlb=0')
+  huge = _faults_per_call(GLIBC_TUNABLES='glibc.malloc.hugetlb=1')
+  assert plain > 51e6 / 4096 / 2  # A fault per 4 KB page of the result, at least half of them.
+  assert huge < plain / 4, (plain, huge)
+
+
+def _host_memory_lines(*args, **env):
+  environment = run_env(**env)
+  if 'GLIBC_TUNABLES' not in env:
+    environment.pop('GLIBC_TUNABLES', None)
+  proc = subprocess.run([sys.executable, 'main.py', '--config=configs/test.py', '--mode=summary',
+                         *args], cwd=ROOT, env=environment, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return [l.split('Host memory: ', 1)[1] for l in proc.stderr.splitlines() if 'Host memory: ' in l]
+
+
+@pytest.mark.skipif(bool(host_memory.unavailable()), reason=host_memory.unavailable() or 'ok')
+def test_main_restarts_itself_with_huge_pages():
+  assert _host_memory_lines() == ['malloc on transparent huge pages (glibc.malloc.hugetlb=1)']
+  # The user's own choice of the tunable stands, and the config turns the restart off.
+  assert _host_memory_lines(GLIBC_TUNABLES='glibc.malloc.hugetlb=0') == [
+      'GLIBC_TUNABLES sets glibc.malloc.hugetlb already: left as it is']
+  assert _host_memory_lines('--config.host_huge_pages=False') == []
+
+
+def test_no_restart_where_huge_pages_cannot_work(monkeypatch):
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  monkeypatch.setattr(host_memory, 'unavailable', lambda: 'glibc 2.31 (2.35 or later reads it)')
+  monkeypatch.setattr(host_memory.os, 'execve', lambda *a: pytest.fail('restarted'))
+  assert host_memory.restart_with_huge_pages() == (
+      'malloc on 4 KB pages: glibc 2.31 (2.35 or later reads it)')
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1')
+  assert host_memory.active()
+  assert 'transparent huge pages' in host_memory.restart_with_huge_pages()
+
+
+def test_restart_adds_the_tunable_to_the_users_own(monkeypatch):
+  calls = []
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=0')
+  monkeypatch.setattr(host_memory, 'unavailable', lambda: '')
+  monkeypatch.setattr(host_memory.os, 'execve', lambda *a: calls.append(a))
+  host_memory.restart_with_huge_pages()
+  (path, argv, env), = calls
+  assert path == sys.executable and argv == sys.orig_argv
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1'
