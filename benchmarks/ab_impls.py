@@ -23,6 +23,9 @@ its batch):
 
     python benchmarks/ab_impls.py --infer --batch=8 --rounds=20 --impls=native_cpu --against=HEAD~1
 
+Like main.py, it restarts itself with glibc's malloc on transparent huge pages
+(sepres_jax/host_memory.py) unless `--small_pages` is given.
+
 Each `--compiler_options=JSON` adds each impl compiled with those XLA options (a JSON object, e.g.
 '{"xla_cpu_prefer_vector_width": 512}'; `XLA_FLAGS=--help` lists them) to the same rounds.
 """
@@ -42,6 +45,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs import seed
+from sepres_jax import host_memory
 from sepres_jax import metrics
 from sepres_jax import models
 from sepres_jax import train
@@ -130,7 +134,11 @@ def main():
   parser.add_argument('--against', default='', help='a git revision to time each impl against')
   parser.add_argument('--compiler_options', action='append', default=[], type=json.loads,
                       help='a JSON object of XLA options to time each impl with (repeatable)')
+  parser.add_argument('--small_pages', action='store_true',
+                      help="keep malloc's 4 KB pages (main.py's config.host_huge_pages=False)")
   args = parser.parse_args()
+  if not args.small_pages:  # As main.py runs: see sepres_jax/host_memory.py.
+    print('host memory:', host_memory.restart_with_huge_pages(), flush=True)
   config = shipped.config() if args.shipped else seed.get_config()
   if args.infer:
     h, w = tuple(config.benchmark.infer_size)

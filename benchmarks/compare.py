@@ -9,6 +9,11 @@ benchmarks/pytorch_reference.py, and benchmarks/keras_reference.py with and with
 run is a fresh process. Prints a Markdown table of the median over rounds of each figure and the
 ratio of sepres-jax's to each framework's, then one JSON line with every run's figures. A
 framework whose interpreter is not given is left out. Standard library only.
+
+main.py restarts itself with glibc's malloc on transparent huge pages (sepres_jax/host_memory.py;
+the frameworks run as they start, with malloc's defaults). `--huge_pages` adds rows for PyTorch
+and Keras started with the same GLIBC_TUNABLES=glibc.malloc.hugetlb=1, to see what that setting
+alone is worth to each.
 """
 
 import argparse
@@ -22,8 +27,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 
 
-def _last_json(cmd):
-  out = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, check=False)
+def _last_json(cmd, env=None):
+  out = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, check=False,
+                       env=None if env is None else dict(os.environ, **env))
   for line in reversed(out.stdout.splitlines()):
     if line.startswith('{'):
       return json.loads(line)
@@ -39,6 +45,8 @@ def main():
   parser.add_argument('--keras_python', default='')
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--huge_pages', action='store_true',
+                      help='also run PyTorch and Keras with glibc.malloc.hugetlb=1')
   args = parser.parse_args()
 
   ours = [args.python, 'main.py', f'--config={args.config}', '--mode=benchmark',
@@ -52,11 +60,18 @@ def main():
     keras = [args.keras_python, os.path.join(_HERE, 'keras_reference.py')] + ref
     runs['Keras'] = keras
     runs['Keras, jit_compile'] = keras + ['--jit_compile']
+  huge = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  envs = {}
+  if args.huge_pages:
+    for name in ('PyTorch', 'Keras'):
+      if name in runs:
+        runs[f'{name}, huge pages'] = runs[name]
+        envs[f'{name}, huge pages'] = huge
 
   results = {name: [] for name in runs}
   for r in range(args.rounds):
     for name, cmd in runs.items():
-      results[name].append(_last_json(cmd))
+      results[name].append(_last_json(cmd, envs.get(name)))
       print(f'round {r + 1}, {name}: {results[name][-1]}', file=sys.stderr, flush=True)
 
   def med(name, key):
