@@ -12,8 +12,9 @@ when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; a tunable is read only 
 starts, so `restart_with_huge_pages` runs the same command again (os.execv, same process id) with
 it added. main.py does that first, when `config.host_huge_pages` is True (the default). Peak
 memory is unchanged (freed blocks still go back to the kernel). Nothing is done where it cannot
-work: not Linux, a C library other than glibc 2.35+, transparent huge pages set to `never`, or
-GLIBC_TUNABLES already choosing glibc.malloc.hugetlb (the user's choice stands).
+work or is not needed: not Linux, a C library other than glibc 2.35+, transparent huge pages set to
+`never` (or `always`: the kernel then gives them without being asked), or GLIBC_TUNABLES already
+choosing glibc.malloc.hugetlb (the user's choice stands).
 
 Also tried (2026-12-04): malloc told to keep freed memory instead (mallopt: no mmap, a 2 GB trim
 threshold, one arena): as fast, but peak memory 1.5-2.2x higher and compiles 1.3x slower.
@@ -46,6 +47,17 @@ def active() -> bool:
   return f'{TUNABLE}=1' in _tunables()
 
 
+def thp_mode():
+  """The kernel's transparent huge page mode ('always', 'madvise', 'never'), or None."""
+  try:
+    with open(THP_MODE) as f:
+      text = f.read()
+  except OSError:
+    return None
+  chosen = [w[1:-1] for w in text.split() if w.startswith('[') and w.endswith(']')]
+  return chosen[0] if chosen else None
+
+
 def unavailable() -> str:
   """Why huge pages for malloc cannot work here, or '' if they can."""
   if platform.system() != 'Linux':
@@ -55,12 +67,10 @@ def unavailable() -> str:
     return 'the C library is not glibc'
   if version < (2, 35):
     return f'glibc {version[0]}.{version[1]} (2.35 or later reads {TUNABLE})'
-  try:
-    with open(THP_MODE) as f:
-      mode = f.read()
-  except OSError:
+  mode = thp_mode()
+  if mode is None:
     return f'no {THP_MODE}'
-  if '[never]' in mode:
+  if mode == 'never':
     return f'transparent huge pages are off ({THP_MODE}: never)'
   return ''
 
@@ -75,6 +85,8 @@ def restart_with_huge_pages() -> str:
   why = unavailable()
   if why:
     return f'malloc on 4 KB pages: {why}'
+  if thp_mode() == 'always':
+    return f'transparent huge pages for every large block already ({THP_MODE}: always)'
   env = dict(os.environ, GLIBC_TUNABLES=':'.join(_tunables() + [f'{TUNABLE}=1']))
   sys.stdout.flush()
   sys.stderr.flush()
