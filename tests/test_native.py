@@ -110,8 +110,9 @@ def test_dense_kernel_grad_against_float64(shape, k, cout):
 @pytest.mark.skipif(not native.available()[0], reason='compiled kernels unavailable')
 def test_materialize_is_the_identity_and_keeps_the_pool_residual():
   """Any dtype, under jit; and the native_cpu max-pool's gradient reads its int8
-  residual from the call rather than recomputing the layers before it, and its undifferentiated
-  form (inference) writes the pooled map out through it."""
+  residual from the call rather than recomputing the layers before it, the stem-like conv (few
+  taps) writes its output through it, and the pool's undifferentiated form (inference) writes
+  the pooled map out through it."""
   for dtype in (np.float32, np.int8):
     x = (np.arange(2 * 3 * 4 * 5) % 7).reshape(2, 3, 4, 5).astype(dtype)
     np.testing.assert_array_equal(jax.jit(lambda v: native.materialize(v + 1))(x), x + 1)
@@ -121,6 +122,7 @@ def test_materialize_is_the_identity_and_keeps_the_pool_residual():
                                         'native_cpu') ** 2)
   hlo = jax.jit(jax.grad(f)).lower(k).compile().as_text()
   assert re.search(r's8\[2,4,4,4\]\{[^}]*\} custom-call\(.*"sepres_materialize"', hlo), hlo
+  assert re.search(r'f32\[2,8,8,4\]\{[^}]*\} custom-call\(.*"sepres_materialize"', hlo), hlo
   want = jax.grad(lambda k: jnp.sum(ops.max_pool2x2(jax.nn.relu(ops.conv(img, k, 'xla')),
                                                     'xla') ** 2))(k)
   np.testing.assert_allclose(jax.jit(jax.grad(f))(k), want, rtol=1e-4, atol=1e-4)
