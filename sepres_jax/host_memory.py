@@ -5,11 +5,12 @@ glibc serves a request above its mmap threshold (at most 32 MB) with fresh pages
 and returns them when the buffer is freed, so each step touches its large buffers for the first
 time again: one page fault, and a page zeroed by the kernel, per 4 KB. At the seed network's batch
 32 `x * 2` on one 32x224x224x16 activation (103 MB) took ~29,500 faults and 30 ms, against 141
-faults and 8.6 ms with huge pages; the whole train step ran 1.25x faster (benchmarks/README.md).
+faults and 8.6 ms with huge pages; the whole train step ran 1.25x faster (README.md, "Speed on
+this CPU").
 
 glibc (2.35 and later) advises the kernel to back its large blocks with transparent huge pages
 when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; a tunable is read only when a process
-starts, so `restart_with_huge_pages` runs the same command again (os.execv, same process id) with
+starts, so `restart_with_huge_pages` runs the same command again (os.execve, same process id) with
 it added. main.py does that first, when `config.host_huge_pages` is True (the default). Peak
 memory is unchanged (freed blocks still go back to the kernel). Nothing is done where it cannot
 work or is not needed: not Linux, a C library other than glibc 2.35+, transparent huge pages set to
@@ -35,7 +36,10 @@ def _glibc_version():
   except (OSError, AttributeError):
     return None
   get.restype = ctypes.c_char_p
-  return tuple(int(p) for p in get().decode().split('.')[:2])
+  try:
+    return tuple(int(p) for p in get().decode().split('.')[:2])
+  except ValueError:
+    return None
 
 
 def _tunables() -> list[str]:
