@@ -293,10 +293,6 @@ def _conv_direct_native(x, kernel):
   return native.materialize(_direct_sum(x, kernel))
 
 
-def _conv_direct_native_fwd(x, kernel):
-  return _conv_direct_native(x, kernel), (x, kernel)
-
-
 def _conv_direct_native_bwd(res, g):
   # The kernel gradient compiled: one pass over g, where the matrix-product form first writes
   # its row patches (3x the stem's input) to memory. The input gradient (unused for the stem,
@@ -306,7 +302,7 @@ def _conv_direct_native_bwd(res, g):
   return dx, native.dense_kernel_grad(x, g, kernel.shape)
 
 
-_conv_direct_native.defvjp(_conv_direct_native_fwd, _conv_direct_native_bwd)
+_conv_direct_native.defvjp(_saving_inputs(_conv_direct_native), _conv_direct_native_bwd)
 
 
 def upsample_conv(x, kernel, impl):
