@@ -12,7 +12,7 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameter init, shuffling and augmentation.
   config.batch_size = 8  # Global training batch, split over all devices.
-  config.eval_batch_size = 8  # Global evaluation batch (last batch padded, never dropped).
+  config.eval_batch_size = 8  # Largest global evaluation batch; evened out per split, last padded.
   config.num_epochs = 120  # Upper bound; early stopping usually ends sooner.
   config.parallelism = 'jit'  # 'jit' (jit over a device Mesh) or 'pmap'.
   config.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16' (parameters stay float32).

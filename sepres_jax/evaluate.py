@@ -203,7 +203,8 @@ def evaluate(config, workdir: str) -> dict:
   batches = input_pipeline.eval_batches(
       sources[split], config.data, global_batch_size=config.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      resize=config.eval.input == 'resize', native_labels=config.eval.input == 'resize')
+      resize=config.eval.input == 'resize', native_labels=config.eval.input == 'resize',
+      multiple=mesh.devices.size)
   picker = visualize.PanelPicker(config.eval.get('num_panels', 0),
                                  config.eval.get('worst_first', True))
   loss_sum, weight, cm = 0.0, 0.0, None

@@ -440,7 +440,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(),
       resize=config.data.eval_resize or config.eval.input == 'resize',
-      native_labels=val_native_labels)
+      native_labels=val_native_labels, multiple=mesh.devices.size)
 
   # --- Model and state -----------------------------------------------------------------------
   axis = PMAP_AXIS if config.parallelism == 'pmap' else None
@@ -524,6 +524,9 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   factor = schedule_factor(config, total_steps)
   t_run = time.time()
   steps_this_run = 0
+  # epoch_time runs from the previous epoch's record to this one's, so it also counts the previous
+  # epoch's checkpoint start, pictures and logs: the epochs' times add up to the run's wall time.
+  t_record = None
   while epoch < config.num_epochs:
     lr = config.learning_rate * rules.scale
     step_state = stepper.to_step_state(set_learning_rate(stepper.from_step_state(step_state), lr))
@@ -582,9 +585,10 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
         'train_accuracy': sums['correct'] / max(sums['pixels'], 1.0),
         'val_loss': val['loss'], 'val_accuracy': val['pixel_accuracy'], 'val_miou': val['miou'],
         'val_mean_class_accuracy': val['mean_class_accuracy'],
-        'epoch_time': time.time() - t_epoch, 'train_time': train_time,
+        'epoch_time': time.time() - (t_record or t_epoch), 'train_time': train_time,
         'data_wait_fraction': data_wait / max(train_time, 1e-9),
     }
+    t_record = time.time()
     if not np.isfinite(record['val_loss']):
       checkpoints.wait(manager)
       raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '

@@ -1,6 +1,7 @@
 """Tests of the CamVid builder, the synthetic scenes and the input pipeline (small, CPU)."""
 
 import hashlib
+import math
 import os
 from pathlib import Path
 import pickle
@@ -398,6 +399,38 @@ def test_eval_batches_cover_every_example_once(process_count):
         assert batch['index'][k] == -1 and (batch['label'][k] == -1).all()
   assert seen == list(range(10))
   assert per_process[-1][2]['valid'].sum() == (2 if process_count == 1 else 0)
+
+
+def test_even_batch_size():
+  assert input_pipeline.even_batch_size(101, 32) == 26  # CamVid val: 4 batches, 3 padded (not 27).
+  assert input_pipeline.even_batch_size(233, 32) == 30  # CamVid test: 8 batches, 7 padded (not 23).
+  assert input_pipeline.even_batch_size(101, 32, multiple=8) == 32
+  assert input_pipeline.even_batch_size(101, 32, multiple=4) == 28
+  assert input_pipeline.even_batch_size(64, 32) == 32
+  assert input_pipeline.even_batch_size(5, 32) == 5
+  assert input_pipeline.even_batch_size(5, 32, multiple=2) == 6
+  for n in range(1, 80):
+    for b in (1, 2, 4, 6, 8, 32):
+      for m in (1, 2):
+        if b % m:
+          continue
+        e = input_pipeline.even_batch_size(n, b, m)
+        assert e <= b and e % m == 0 and math.ceil(n / e) == math.ceil(n / b), (n, b, m)
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_eval_batches_are_evened_out(process_count):
+  config = data_config('/unused', eval_resize=False)
+  source = IndexSource(9, height=8, width=40)
+  per_process = [list(input_pipeline.eval_batches(source, config, global_batch_size=8,
+                                                  process_index=p, process_count=process_count,
+                                                  multiple=2))
+                 for p in range(process_count)]
+  # 9 examples at most 8 a batch: two batches of 6 (a multiple of 2), not 8 + 8.
+  assert [len(b['valid']) * process_count for b in per_process[0]] == [6, 6]
+  indices = np.concatenate([np.concatenate([b[s]['index'] for b in per_process])
+                            for s in range(2)])
+  assert sorted(i for i in indices if i >= 0) == list(range(9)) and (indices == -1).sum() == 3
 
 
 def test_eval_batches_resized(tmp_path, scenes):

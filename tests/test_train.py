@@ -1,6 +1,9 @@
 """Train and eval steps, the optimiser's injected learning rate, plateau and early stopping."""
 
 import functools
+import json
+from pathlib import Path
+import time
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import perturbed
+from conftest import train_tiny
+from sepres_jax import checkpoints
 from sepres_jax import input_pipeline
 from sepres_jax import metrics
 from sepres_jax import train
@@ -217,3 +222,21 @@ def test_weight_decay_is_decoupled_and_spares_1d_arrays(tiny_config):
   # -rate / sqrt(1 - decay) here, whatever the decay's size.
   np.testing.assert_allclose(updates['kernel'], -0.01 * 0.1 * 2.0, rtol=1e-6)
   np.testing.assert_array_equal(updates['bias'], 0.0)
+
+
+
+def test_epoch_time_counts_the_previous_epochs_save(tmp_path, monkeypatch):
+  """The epochs' times add up to the run: epoch 2's includes epoch 1's checkpoint start."""
+  save = checkpoints.save
+
+  def slow_save(*args, **kwargs):
+    time.sleep(1.0)
+    return save(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoints, 'save', slow_save)
+  t0 = time.time()
+  _, workdir = train_tiny(tmp_path, num_epochs=2)
+  wall = time.time() - t0
+  first, second = json.loads((Path(workdir) / 'history.json').read_text())
+  assert second['epoch_time'] >= second['train_time'] + 1.0  # Epoch 1's save (1 s) is in it.
+  assert first['epoch_time'] + second['epoch_time'] < wall
