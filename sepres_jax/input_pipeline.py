@@ -493,7 +493,7 @@ def eval_batches(source, data_config, *, global_batch_size, process_index=0, pro
   _local_batch_size(global_batch_size, process_index, process_count)  # Checks the arguments.
   global_batch_size = even_batch_size(len(source), global_batch_size,
                                       math.lcm(int(multiple), process_count))
-  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  local_batch = global_batch_size // process_count
   num_batches = math.ceil(len(source) / global_batch_size)
   ds = (grain.MapDataset.range(num_batches)
         .map(_EvalBatch(source, data_config, local_batch, process_index, global_batch_size,

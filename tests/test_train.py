@@ -224,7 +224,6 @@ def test_weight_decay_is_decoupled_and_spares_1d_arrays(tiny_config):
   np.testing.assert_array_equal(updates['bias'], 0.0)
 
 
-
 def test_epoch_time_counts_the_previous_epochs_save(tmp_path, monkeypatch):
   """The epochs' times add up to the run: epoch 2's includes epoch 1's checkpoint start."""
   save = checkpoints.save
