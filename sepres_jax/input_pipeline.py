@@ -467,8 +467,8 @@ def even_batch_size(num_examples: int, max_batch: int, multiple: int = 1) -> int
   """The batch that cuts `num_examples` into as few batches as `max_batch` does, most evenly.
 
   A multiple of `multiple` (the devices a batch is split over), and never above `max_batch` when
-  `max_batch` is itself a multiple of it (as check_batch_sizes makes it): CamVid's 101 validation images at 32 take 4 batches of 26 (3 padded) instead of 4 of 32
-  (27 padded, a fifth of the work).
+  `max_batch` is itself a multiple of it (as check_batch_sizes makes it): CamVid's 101 validation
+  images at 32 take 4 batches of 26 (3 padded) instead of 4 of 32 (27 padded, a fifth of the work).
   """
   if num_examples <= 0:
     return max_batch

@@ -577,6 +577,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     state = stepper.from_step_state(step_state)
     val = evaluate_split(stepper, eval_weights(step_state), val_batches())
     epoch += 1
+    now = time.time()
     record = {
         'epoch': epoch, 'step': step, 'learning_rate': lr,
         # The rate of the epoch's last step: the plateau rule's rate times the schedule's factor.
@@ -585,10 +586,10 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
         'train_accuracy': sums['correct'] / max(sums['pixels'], 1.0),
         'val_loss': val['loss'], 'val_accuracy': val['pixel_accuracy'], 'val_miou': val['miou'],
         'val_mean_class_accuracy': val['mean_class_accuracy'],
-        'epoch_time': time.time() - (t_record or t_epoch), 'train_time': train_time,
+        'epoch_time': now - (t_record or t_epoch), 'train_time': train_time,
         'data_wait_fraction': data_wait / max(train_time, 1e-9),
     }
-    t_record = time.time()
+    t_record = now
     if not np.isfinite(record['val_loss']):
       checkpoints.wait(manager)
       raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '
