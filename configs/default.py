@@ -82,6 +82,9 @@ def get_config():
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-3
   config.model.impl = 'auto'  # Layer kernels: 'auto' (per backend), 'xla', 'fast_cpu', 'native_cpu'.
+  # conv6 (7x7) on the CPU impls: 'dft' (products of Fourier transforms), 'rows' (a product per
+  # kernel row) or 'auto' (dft at a batch of 8 or more, where its kernel transform pays).
+  config.model.large_conv = 'auto'
 
   # Optimiser: RMSprop (Keras defaults) with plateau decay once per epoch.
   config.learning_rate = 1e-3

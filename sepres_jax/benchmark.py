@@ -111,7 +111,7 @@ def benchmark(config) -> int:
   result = {
       'backend': jax.default_backend(), 'devices': jax.device_count(),
       'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
-      'impl': model.impl, 'dtype': config.dtype, 'batch_size': b,
+      'impl': model.impl, 'large_conv': model.large_conv, 'dtype': config.dtype, 'batch_size': b,
       'image_size': list(config.data.image_size), 'infer_size': [ih, iw], 'infer_batch': eb,
       'train_images_per_sec': round(train_ips, 2),
       'train_step_sec': round(train_time, 4),

@@ -5,11 +5,12 @@ import sys
 from absl import logging
 
 from sepres_jax import checkpoints
+from sepres_jax import models
 from sepres_jax import train
 from sepres_jax.data.camvid import DataError
 
 USER_ERRORS = (train.RunError, checkpoints.CheckpointError, DataError, FileNotFoundError,
-               NotADirectoryError)
+               NotADirectoryError, models.ModelConfigError)
 
 
 class _QuietLibraries:

@@ -40,12 +40,13 @@ class Conv(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Any = _kernel_init
+  large_conv: str = 'auto'  # CPU form of a large kernel: 'auto', 'rows' or 'dft' (ops.conv).
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features))
-    y = ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+    y = ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl, self.large_conv)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
@@ -154,6 +155,7 @@ class SepResFCN8(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   impl: str = 'xla'
+  large_conv: str = 'auto'  # conv6's CPU form: 'auto', 'rows' or 'dft' (ops.conv).
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None  # Set under pmap so BatchNorm sees the global batch.
 
@@ -187,7 +189,8 @@ class SepResFCN8(nn.Module):
     pool1, pool2, pool3, pool4, pool5 = taps
 
     c = self.num_classes
-    y = nn.relu(Conv(self.head_width, 7, self.impl, dtype=self.dtype, name='conv6')(pool5))
+    y = nn.relu(Conv(self.head_width, 7, self.impl, dtype=self.dtype, large_conv=self.large_conv,
+                     name='conv6')(pool5))
     y = Conv(self.head_width, 1, self.impl, dtype=self.dtype, name='conv7')(y)
     if self.context:
       y = y + self._context(pool5, norm)
@@ -233,14 +236,26 @@ def _upsample2x(x):
   return jax.image.resize(x, (b, 2 * h, 2 * w, c), 'bilinear')
 
 
+class ModelConfigError(ValueError):
+  """A config.model field that names no form (model.impl, model.large_conv): a user error."""
+
+
 def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -> SepResFCN8:
   """The network described by `config.model`, with `num_outputs` logits per pixel."""
   m = config.model
+  large_conv = m.get('large_conv', 'auto')
+  if large_conv not in ops.LARGE_CONV_FORMS:
+    raise ModelConfigError(f'model.large_conv must be one of {ops.LARGE_CONV_FORMS}, '
+                           f'got {large_conv!r}')
+  try:
+    impl = ops.resolve_impl(m.impl)
+  except ValueError as e:
+    raise ModelConfigError(str(e)) from None
   return SepResFCN8(
       num_classes=num_outputs, widths=tuple(m.widths), head_width=m.head_width,
       block_depth=m.get('block_depth', 3), fine_skips=m.get('fine_skips', 0),
       refine=m.get('refine', 0), context=m.get('context', 0),
-      bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=ops.resolve_impl(m.impl),
+      bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, impl=impl, large_conv=large_conv,
       dtype=jnp.dtype(config.dtype), bn_axis_name=bn_axis_name)
 
 

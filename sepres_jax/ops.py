@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from sepres_jax import native
 
@@ -166,9 +167,27 @@ def _gram(a, b):
 _pointwise_by_product.defvjp(_saving_inputs(_pointwise_by_product), _pointwise_bwd)
 
 
-def conv(x, kernel, impl):
-  """KxK convolution, stride 1, SAME padding. kernel: [K, K, Cin, Cout]."""
+LARGE_CONV_FORMS = ('auto', 'rows', 'dft')
+
+# With large_conv='auto', a KxK conv of at least this many taps (conv6's 7x7) whose batch is at
+# least _DFT_MIN_BATCH runs as products of its discrete Fourier transforms (_conv_by_dft): the
+# kernel's transform costs the same whatever the batch, so small batches keep the products per
+# kernel row.
+_DFT_MIN_TAPS = 25
+_DFT_MIN_BATCH = 8
+
+
+def conv(x, kernel, impl, large_conv: str = 'auto'):
+  """KxK convolution, stride 1, SAME padding. kernel: [K, K, Cin, Cout].
+
+  `large_conv` picks the CPU form of a large kernel (above the stem's size): 'rows' (a matrix
+  product per kernel row, _conv_by_rows), 'dft' (products of discrete Fourier transforms,
+  _conv_by_dft) or 'auto' (dft for kernels of 5x5 and more at a batch of 16 or more). With
+  impl='xla' the library convolution runs whatever it says.
+  """
   kh, kw = kernel.shape[:2]
+  if large_conv not in LARGE_CONV_FORMS:
+    raise ValueError(f'model.large_conv must be one of {LARGE_CONV_FORMS}, got {large_conv!r}')
   if kh == kw == 1:
     return pointwise_conv(x, kernel, impl)
   if impl == 'xla':
@@ -177,7 +196,108 @@ def conv(x, kernel, impl):
     if impl == 'native_cpu' and x.dtype == kernel.dtype == jnp.float32:
       return _conv_direct_native(x, kernel)
     return _conv_direct(x, kernel)
+  static = all(isinstance(n, int) for n in x.shape[:3])  # Not a symbolic (exported) shape.
+  if static and x.dtype == kernel.dtype == jnp.float32 and (large_conv == 'dft' or (
+      large_conv == 'auto' and kh * kw >= _DFT_MIN_TAPS and x.shape[0] >= _DFT_MIN_BATCH)):
+    return _conv_by_dft(x, kernel)
   return _conv_by_rows(x, kernel)
+
+
+def _conv_by_dft(x, kernel):
+  """A KxK SAME conv as a product per frequency of the input's and the kernel's 2-D discrete
+  Fourier transforms, each transform a matrix product.
+
+  The H x W map is transformed at (H + K/2) x (W + K/2) points, enough that the cyclic
+  correlation equals the zero-padded one on the map; only the frequencies of a real signal's
+  half spectrum are kept (about (H + 3)(W + 3) / 2 for a 7x7 kernel), and each frequency's complex
+  product [B, Cin] x [Cin, Cout] is one real product of twice the size. On conv6's 7x7 map that
+  is 52 frequencies against 49 positions x 37 rows of taps: a fifth of the multiply-adds of
+  _conv_by_rows, plus the kernel's transform (the same cost at any batch, which is why small
+  batches keep _conv_by_rows). Equal to the direct convolution to float32 rounding
+  (tests/test_ops.py).
+  """
+  kh, kw, _, _ = kernel.shape
+  _, h, w, _ = x.shape
+  return _dft_conv(x, kernel, (h, w, kh, kw))
+
+
+@functools.lru_cache(maxsize=None)
+def _dft_matrices(h, w, kh, kw):
+  """(T [2Q, H*W], S [2Q, Kh*Kw], U [2Q, H*W]) float32: the input's and the kernel's transforms
+  and the inverse transform, with rows (frequency, real/imaginary part) for Q frequencies.
+
+  The kernel's transform is conjugated (so the product is a correlation, as a conv layer
+  computes), and U weighs each kept frequency by how many of the full spectrum it stands for.
+  """
+  ph, pw = (kh - 1) // 2, (kw - 1) // 2
+  nh, nw = h + max(ph, kh - 1 - ph), w + max(pw, kw - 1 - pw)
+  freqs, weights = [], []
+  for v in range(nw // 2 + 1):
+    self_conjugate = (2 * v) % nw == 0  # Columns v and nw - v coincide: keep u <= nh / 2.
+    for u in range(nh // 2 + 1 if self_conjugate else nh):
+      freqs.append((u, v))
+      weights.append(1.0 if self_conjugate and (2 * u) % nh == 0 else 2.0)
+  u = np.array([f[0] for f in freqs], np.float64)[:, None, None]
+  v = np.array([f[1] for f in freqs], np.float64)[:, None, None]
+  weights = np.array(weights)[:, None, None] / (nh * nw)
+  r, c = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  i, j = np.meshgrid(np.arange(kh) - ph, np.arange(kw) - pw, indexing='ij')
+  at_map = 2 * np.pi * (u * r / nh + v * c / nw)  # [Q, H, W]
+  at_taps = 2 * np.pi * (u * i / nh + v * j / nw)  # [Q, Kh, Kw]
+  t = np.stack([np.cos(at_map), -np.sin(at_map)], 1)
+  s = np.stack([np.cos(at_taps), np.sin(at_taps)], 1)
+  inverse = np.stack([np.cos(at_map), -np.sin(at_map)], 1) * weights[:, None]
+  q = len(freqs)
+  return (t.reshape(2 * q, h * w).astype(np.float32), s.reshape(2 * q, kh * kw).astype(np.float32),
+          inverse.reshape(2 * q, h * w).astype(np.float32))
+
+
+def _complex_rows(xf, b):
+  """[[Re, -Im], [Im, Re]] of xf [Q, 2, B, C] as [Q, 2B, 2C]: times [Re; Im] of a [C, D]
+  complex matrix it gives [Re; Im] of the complex product."""
+  re, im = xf[:, 0], xf[:, 1]
+  return jnp.concatenate([jnp.concatenate([re, -im], -1), jnp.concatenate([im, re], -1)], 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dft_conv(x, kernel, sizes):
+  return _dft_conv_fwd(x, kernel, sizes)[0]
+
+
+def _dft_conv_fwd(x, kernel, sizes):
+  h, w, kh, kw = sizes
+  t, s, u = _dft_matrices(*sizes)
+  q, p = t.shape[0] // 2, h * w
+  b, c, d = x.shape[0], x.shape[-1], kernel.shape[-1]
+  xf = jnp.einsum('fp,bpc->fbc', t, x.reshape(b, p, c)).reshape(q, 2, b, c)
+  x2 = _complex_rows(xf, b)  # [Q, 2B, 2C]
+  k2 = (s @ kernel.reshape(kh * kw, c * d)).reshape(q, 2 * c, d)  # [Q, (Re; Im) of C, D]
+  yf = jnp.einsum('qbc,qcd->qbd', x2, k2)  # [Q, (Re; Im) of B, D]
+  y = (u.T @ yf.reshape(2 * q, b * d)).reshape(p, b, d)
+  return y.transpose(1, 0, 2).reshape(b, h, w, d), (x2, k2)
+
+
+def _dft_conv_bwd(sizes, residuals, g):
+  # The forward pass's products transposed, each written as a product whose operands need no
+  # transposing of the large [Q, 2C, D] array.
+  h, w, kh, kw = sizes
+  t, s, u = _dft_matrices(*sizes)
+  x2, k2 = residuals
+  q, p = t.shape[0] // 2, h * w
+  b, c, d = g.shape[0], k2.shape[1] // 2, g.shape[-1]
+  gp = g.reshape(b, p, d).transpose(1, 0, 2).reshape(p, b * d)
+  dyf = (u @ gp).reshape(q, 2 * b, d)
+  dx2 = jnp.einsum('qbd,qcd->qbc', dyf, k2)
+  dk2 = jnp.einsum('qcb,qbd->qcd', x2.transpose(0, 2, 1), dyf)
+  dk = (s.T @ dk2.reshape(2 * q, c * d)).reshape(kh, kw, c, d)
+  dre = dx2[:, :b, :c] + dx2[:, b:, c:]
+  dim = dx2[:, b:, :c] - dx2[:, :b, c:]
+  dxf = jnp.stack([dre, dim], 1).reshape(2 * q, b, c)
+  dx = jnp.einsum('fp,fbc->bpc', t, dxf).reshape(b, h, w, c)
+  return dx, dk
+
+
+_dft_conv.defvjp(_dft_conv_fwd, _dft_conv_bwd)
 
 
 def _conv_by_rows(x, kernel):

@@ -69,7 +69,7 @@ def summary(config) -> int:
   name_w = max(len(r[0]) for r in rows) + 2
   shape_w = max(len(r[1]) for r in rows) + 2
   print(f'SepResFCN8: {train.num_outputs(config)} classes, input {train.input_shape(config)}, '
-        f'model.impl={config.model.impl}')
+        f'model.impl={config.model.impl}, model.large_conv={config.model.large_conv}')
   header = f"{'layer':<{name_w}}{'output shape':<{shape_w}}{'params':>12}{'bn stats':>10}"
   print(header)
   print('-' * len(header))

@@ -63,6 +63,16 @@ def test_wrong_type_is_one_line(tmp_path):
   assert 'batch_size' in out.stderr and 'Traceback' not in out.stderr
 
 
+@pytest.mark.parametrize('field', ['impl', 'large_conv'])
+def test_unknown_kernel_form_is_one_line(tmp_path, field):
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--mode=summary',
+              f'--config.model.{field}=bogus', timeout=120)
+  assert out.returncode == 1
+  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1 and f'model.{field}' in err[0] and 'bogus' in err[0]
+  assert 'Traceback' not in out.stderr
+
+
 def test_missing_data_folder_is_one_line(tmp_path):
   out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.data.name=camvid',
               f'--config.data.manual_dir={tmp_path}/nowhere', timeout=120)

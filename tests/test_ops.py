@@ -65,7 +65,35 @@ def test_depthwise_native_shapes(shape):
 @pytest.mark.parametrize('k, h, w', [(3, 9, 7), (7, 9, 7), (7, 7, 7), (7, 2, 3), (5, 1, 6)])
 def test_conv_by_rows(k, h, w):
   """The product per kernel row, also where the kernel overhangs the input on both sides."""
-  _assert_same(lambda impl, x, w: ops.conv(x, w, impl), _rand(2, h, w, 4), _rand(k, k, 4, 6))
+  _assert_same(lambda impl, x, w: ops.conv(x, w, impl, 'rows'), _rand(2, h, w, 4),
+               _rand(k, k, 4, 6))
+
+
+@pytest.mark.parametrize('k, h, w', [(7, 7, 7), (7, 12, 15), (7, 2, 3), (7, 1, 1), (5, 5, 9),
+                                     (4, 6, 4), (3, 5, 5)])
+def test_conv_by_dft(k, h, w):
+  """Products of Fourier transforms: conv6's maps (7x7 at 224x224, 12x15 at 384x480), a kernel
+  larger than the map, odd and even sizes (an even kernel pads one more row below)."""
+  _assert_same(lambda impl, x, w: ops.conv(x, w, impl, 'dft'), _rand(2, h, w, 4),
+               _rand(k, k, 4, 6))
+  x, kernel, cot = _rand(3, h, w, 5), _rand(k, k, 5, 2), _rand(3, h, w, 2)
+  grad = lambda form: jax.jit(jax.grad(
+      lambda x, kernel: jnp.sum(ops.conv(x, kernel, 'fast_cpu', form) * cot), argnums=(0, 1)))
+  for dft, rows in zip(grad('dft')(x, kernel), grad('rows')(x, kernel)):
+    np.testing.assert_allclose(dft, rows, rtol=1e-4, atol=1e-4)
+
+
+def test_large_conv_auto_takes_the_dft_from_a_batch_of_8(monkeypatch):
+  calls, dft = [], ops._conv_by_dft
+  monkeypatch.setattr(ops, '_conv_by_dft', lambda *a: calls.append(a[0].shape[0]) or dft(*a))
+  for b in (4, 8):
+    ops.conv(_rand(b, 7, 7, 3), _rand(7, 7, 3, 4), 'fast_cpu')
+  ops.conv(_rand(8, 7, 7, 3), _rand(7, 7, 3, 4), 'fast_cpu', 'rows')
+  ops.conv(_rand(2, 7, 7, 3), _rand(7, 7, 3, 4), 'fast_cpu', 'dft')
+  ops.conv(_rand(8, 7, 7, 3), _rand(3, 3, 3, 4), 'fast_cpu')  # 3x3: never the dft.
+  assert calls == [8, 2]
+  with pytest.raises(ValueError, match='model.large_conv'):
+    ops.conv(_rand(8, 7, 7, 3), _rand(7, 7, 3, 4), 'fast_cpu', 'fft')
 
 
 def test_conv_with_a_symbolic_height_equals_the_concrete_one():
