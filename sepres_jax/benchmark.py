@@ -123,7 +123,7 @@ def benchmark(config) -> int:
       'matmul_gflops_per_sec': round(peak / 1e9, 1),
       'flops_fraction_of_matmul': round(achieved / peak, 4),
       'peak_rss_mb': round(_peak_rss_mb(), 1),
-      'host_huge_pages': host_memory.active(),
+      'host_huge_pages': host_memory.active(), 'host_keep_memory': host_memory.keeping(),
   }
   for what, table in (('train', by_part), ('infer', infer_by_part)):
     if table:

@@ -10,15 +10,24 @@ this CPU").
 
 glibc (2.35 and later) advises the kernel to back its large blocks with transparent huge pages
 when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; a tunable is read only when a process
-starts, so `restart_with_huge_pages` runs the same command again (os.execve, same process id) with
-it added. main.py does that first, when `config.host_huge_pages` is True (the default). Peak
-memory is unchanged (freed blocks still go back to the kernel). Nothing is done where it cannot
-work or is not needed: not Linux, a C library other than glibc 2.35+, transparent huge pages set to
-`never` (or `always`: the kernel then gives them without being asked), or GLIBC_TUNABLES already
-choosing glibc.malloc.hugetlb (the user's choice stands).
+starts, so `restart` runs the same command again (os.execve, same process id) with it added.
+main.py does that first, when `config.host_huge_pages` is True (the default). Nothing is done where
+it cannot work or is not needed: not Linux, a C library other than glibc 2.35+, transparent huge
+pages set to `never` (or `always`: the kernel then gives them without being asked), or
+GLIBC_TUNABLES already choosing glibc.malloc.hugetlb (the user's choice stands).
 
-Also tried (2026-12-04): malloc told to keep freed memory instead (mallopt: no mmap, a 2 GB trim
-threshold, one arena): as fast, but peak memory 1.5-2.2x higher and compiles 1.3x slower.
+With `config.host_keep_memory` (the default) the same restart also makes malloc keep the memory
+it frees (KEEP: one arena, no mmap, no trimming), as TensorFlow's own allocator does. Freed blocks
+otherwise go back to the kernel, and on a VM whose kernel reports free pages to the host (this
+machine: Firecracker, `page_reporting_order=11`) blocks that stay free about two seconds are taken
+back by the host and refilled slowly when touched again: with conv6 in its Fourier form
+(ops.conv, model.large_conv), whose step frees blocks of 100+ MB in the middle, one step in three
+or four took 1-2.5 s of system time instead of 0.15 (seed config, batch 32: 0.9 s steps became
+2-2.5 s). Kept, the seed config's epochs on CamVid took 11.5 and 12.6 s against 15.3-18.2 s, at
+5.9 GB peak memory against 3.5 GB (2026-12-05). Set it False where memory is short. (Tried on
+2026-12-04 before the Fourier form, with mallopt: as fast, peak memory 1.5-2.2x higher, compiles
+1.3x slower; not adopted then.) A user's own GLIBC_TUNABLES choice of arenas, mmap or trimming
+stands.
 """
 
 import ctypes
@@ -79,20 +88,56 @@ def unavailable() -> str:
   return ''
 
 
-def restart_with_huge_pages() -> str:
-  """Runs this process's command again with GLIBC_TUNABLES=...:glibc.malloc.hugetlb=1 when that
-  can work and is not set yet (does not return then); otherwise says what holds."""
+# malloc keeps what it frees (config.host_keep_memory): one arena (XLA's threads would otherwise get
+# arenas that must mmap any block over 64 MB), no mmap, and no trimming of the heap's top.
+KEEP = ('glibc.malloc.arena_max=1', 'glibc.malloc.mmap_max=0',
+        'glibc.malloc.trim_threshold=68719476736')
+
+
+def keeping() -> bool:
+  """Whether this process started with malloc keeping freed memory (KEEP)."""
+  return all(k in _tunables() for k in KEEP)
+
+
+def _huge_pages_plan() -> tuple[str, list[str]]:
+  """(what holds, the tunables to add) for transparent huge pages."""
   if active():
-    return f'malloc on transparent huge pages ({TUNABLE}=1)'
+    return f'malloc on transparent huge pages ({TUNABLE}=1)', []
   if any(t.startswith(TUNABLE + '=') for t in _tunables()):
-    return f'GLIBC_TUNABLES sets {TUNABLE} already: left as it is'
+    return f'GLIBC_TUNABLES sets {TUNABLE} already: left as it is', []
   why = unavailable()
   if why:
-    return f'malloc on 4 KB pages: {why}'
+    return f'malloc on 4 KB pages: {why}', []
   if thp_mode() == 'always':
-    return f'transparent huge pages for every large block already ({THP_MODE}: always)'
-  env = dict(os.environ, GLIBC_TUNABLES=':'.join(_tunables() + [f'{TUNABLE}=1']))
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, env)
-  return ''  # Not reached.
+    return f'transparent huge pages for every large block already ({THP_MODE}: always)', []
+  return '', [f'{TUNABLE}=1']
+
+
+def _keep_plan() -> tuple[str, list[str]]:
+  """(what holds, the tunables to add) for malloc keeping the memory it frees."""
+  if keeping():
+    return 'malloc keeps freed memory (' + ':'.join(KEEP) + ')', []
+  names = {k.split('=')[0] for k in KEEP}
+  if any(t.split('=')[0] in names for t in _tunables()):
+    return 'GLIBC_TUNABLES sets malloc\'s arenas, mmap or trimming already: left as they are', []
+  if platform.system() != 'Linux' or _glibc_version() is None:
+    return 'malloc returns freed memory: the C library is not glibc', []
+  return '', list(KEEP)
+
+
+def restart(huge_pages: bool = True, keep_memory: bool = False) -> list[str]:
+  """Runs this process's command again with the GLIBC_TUNABLES asked for that can work and are not
+  set yet (does not return then); otherwise returns a line on what holds for each one asked."""
+  plans = ([_huge_pages_plan()] if huge_pages else []) + ([_keep_plan()] if keep_memory else [])
+  add = [t for _, tunables in plans for t in tunables]
+  if add:
+    env = dict(os.environ, GLIBC_TUNABLES=':'.join(_tunables() + add))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+  return [line for line, _ in plans]
+
+
+def restart_with_huge_pages() -> str:
+  """restart() for huge pages alone (the benchmarks' harnesses): its line."""
+  return restart(huge_pages=True)[0]

@@ -56,13 +56,36 @@ def _host_memory_lines(*args, **env):
   return [l.split('Host memory: ', 1)[1] for l in proc.stderr.splitlines() if 'Host memory: ' in l]
 
 
+KEPT = 'malloc keeps freed memory (' + ':'.join(host_memory.KEEP) + ')'
+
+
 @needs_madvise_mode
-def test_main_restarts_itself_with_huge_pages():
-  assert _host_memory_lines() == ['malloc on transparent huge pages (glibc.malloc.hugetlb=1)']
-  # The user's own choice of the tunable stands, and the config turns the restart off.
+def test_main_restarts_itself_with_huge_pages_and_kept_memory():
+  assert _host_memory_lines() == ['malloc on transparent huge pages (glibc.malloc.hugetlb=1)',
+                                  KEPT]
+  # The user's own choice of each tunable stands, and the config turns each restart off.
   assert _host_memory_lines(GLIBC_TUNABLES='glibc.malloc.hugetlb=0') == [
-      'GLIBC_TUNABLES sets glibc.malloc.hugetlb already: left as it is']
-  assert _host_memory_lines('--config.host_huge_pages=False') == []
+      'GLIBC_TUNABLES sets glibc.malloc.hugetlb already: left as it is', KEPT]
+  assert _host_memory_lines(GLIBC_TUNABLES='glibc.malloc.arena_max=4')[1] == (
+      "GLIBC_TUNABLES sets malloc's arenas, mmap or trimming already: left as they are")
+  assert _host_memory_lines('--config.host_huge_pages=False') == [KEPT]
+  assert _host_memory_lines('--config.host_huge_pages=False',
+                            '--config.host_keep_memory=False') == []
+
+
+def test_restart_adds_every_tunable_asked_for_in_one_restart(monkeypatch):
+  calls = []
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=0')
+  monkeypatch.setattr(host_memory, 'unavailable', lambda: '')
+  monkeypatch.setattr(host_memory, 'thp_mode', lambda: 'madvise')
+  monkeypatch.setattr(host_memory.os, 'execve', lambda *a: calls.append(a))
+  host_memory.restart(huge_pages=True, keep_memory=True)
+  (_, _, env), = calls
+  assert env['GLIBC_TUNABLES'].split(':') == [
+      'glibc.malloc.tcache_count=0', 'glibc.malloc.hugetlb=1', *host_memory.KEEP]
+  monkeypatch.setenv('GLIBC_TUNABLES', env['GLIBC_TUNABLES'])  # As the restarted process sees.
+  assert host_memory.keeping() and host_memory.active()
+  assert host_memory.restart(True, True)[1] == KEPT and len(calls) == 1
 
 
 def test_no_restart_where_huge_pages_cannot_work(monkeypatch):
