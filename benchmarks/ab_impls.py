@@ -24,7 +24,8 @@ its batch):
     python benchmarks/ab_impls.py --infer --batch=8 --rounds=20 --impls=native_cpu --against=HEAD~1
 
 Like main.py, it restarts itself with glibc's malloc on transparent huge pages
-(sepres_jax/host_memory.py) unless `--small_pages` is given.
+(sepres_jax/host_memory.py) unless `--small_pages` is given; unlike main.py's default, malloc still
+returns freed memory (start it with host_memory.KEEP in GLIBC_TUNABLES to time that too).
 
 Each `--compiler_options=JSON` adds each impl compiled with those XLA options (a JSON object, e.g.
 '{"xla_cpu_prefer_vector_width": 512}'; `XLA_FLAGS=--help` lists them) to the same rounds.

@@ -182,7 +182,7 @@ def conv(x, kernel, impl, large_conv: str = 'auto'):
 
   `large_conv` picks the CPU form of a large kernel (above the stem's size): 'rows' (a matrix
   product per kernel row, _conv_by_rows), 'dft' (products of discrete Fourier transforms,
-  _conv_by_dft) or 'auto' (dft for kernels of 5x5 and more at a batch of 16 or more). With
+  _conv_by_dft) or 'auto' (dft for kernels of 5x5 and more at a batch of 8 or more). With
   impl='xla' the library convolution runs whatever it says.
   """
   kh, kw = kernel.shape[:2]
@@ -211,10 +211,10 @@ def _conv_by_dft(x, kernel):
   correlation equals the zero-padded one on the map; only the frequencies of a real signal's
   half spectrum are kept (about (H + 3)(W + 3) / 2 for a 7x7 kernel), and each frequency's complex
   product [B, Cin] x [Cin, Cout] is one real product of twice the size. On conv6's 7x7 map that
-  is 52 frequencies against 49 positions x 37 rows of taps: a fifth of the multiply-adds of
-  _conv_by_rows, plus the kernel's transform (the same cost at any batch, which is why small
-  batches keep _conv_by_rows). Equal to the direct convolution to float32 rounding
-  (tests/test_ops.py).
+  is 52 frequencies of 4 real multiply-adds against _conv_by_rows' 37 rows x 49 taps: a ninth of
+  its products' work, a fifth with the transforms at batch 32. The kernel's transform costs the
+  same at any batch, which is why small batches keep _conv_by_rows. Equal to the direct
+  convolution to float32 rounding (tests/test_ops.py).
   """
   kh, kw, _, _ = kernel.shape
   _, h, w, _ = x.shape
