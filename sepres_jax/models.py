@@ -244,10 +244,8 @@ def create_model(config, num_outputs: int, bn_axis_name: Optional[str] = None) -
   """The network described by `config.model`, with `num_outputs` logits per pixel."""
   m = config.model
   large_conv = m.get('large_conv', 'auto')
-  if large_conv not in ops.LARGE_CONV_FORMS:
-    raise ModelConfigError(f'model.large_conv must be one of {ops.LARGE_CONV_FORMS}, '
-                           f'got {large_conv!r}')
   try:
+    ops.check_large_conv(large_conv)
     impl = ops.resolve_impl(m.impl)
   except ValueError as e:
     raise ModelConfigError(str(e)) from None

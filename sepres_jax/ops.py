@@ -177,6 +177,12 @@ _DFT_MIN_TAPS = 25
 _DFT_MIN_BATCH = 8
 
 
+def check_large_conv(large_conv: str) -> None:
+  """Raises ValueError naming model.large_conv unless it is one of LARGE_CONV_FORMS."""
+  if large_conv not in LARGE_CONV_FORMS:
+    raise ValueError(f'model.large_conv must be one of {LARGE_CONV_FORMS}, got {large_conv!r}')
+
+
 def conv(x, kernel, impl, large_conv: str = 'auto'):
   """KxK convolution, stride 1, SAME padding. kernel: [K, K, Cin, Cout].
 
@@ -186,8 +192,7 @@ def conv(x, kernel, impl, large_conv: str = 'auto'):
   impl='xla' the library convolution runs whatever it says.
   """
   kh, kw = kernel.shape[:2]
-  if large_conv not in LARGE_CONV_FORMS:
-    raise ValueError(f'model.large_conv must be one of {LARGE_CONV_FORMS}, got {large_conv!r}')
+  check_large_conv(large_conv)
   if kh == kw == 1:
     return pointwise_conv(x, kernel, impl)
   if impl == 'xla':

@@ -73,12 +73,18 @@ def test_main_restarts_itself_with_huge_pages_and_kept_memory():
                             '--config.host_keep_memory=False') == []
 
 
-def test_restart_adds_every_tunable_asked_for_in_one_restart(monkeypatch):
+def _restarts_recorded(monkeypatch):
+  """The os.execve calls of a restart where huge pages can work and the user set a tunable."""
   calls = []
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=0')
   monkeypatch.setattr(host_memory, 'unavailable', lambda: '')
   monkeypatch.setattr(host_memory, 'thp_mode', lambda: 'madvise')
   monkeypatch.setattr(host_memory.os, 'execve', lambda *a: calls.append(a))
+  return calls
+
+
+def test_restart_adds_every_tunable_asked_for_in_one_restart(monkeypatch):
+  calls = _restarts_recorded(monkeypatch)
   host_memory.restart(huge_pages=True, keep_memory=True)
   (_, _, env), = calls
   assert env['GLIBC_TUNABLES'].split(':') == [
@@ -108,11 +114,7 @@ def test_no_restart_where_the_kernel_gives_huge_pages_unasked(monkeypatch):
 
 
 def test_restart_adds_the_tunable_to_the_users_own(monkeypatch):
-  calls = []
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=0')
-  monkeypatch.setattr(host_memory, 'unavailable', lambda: '')
-  monkeypatch.setattr(host_memory, 'thp_mode', lambda: 'madvise')
-  monkeypatch.setattr(host_memory.os, 'execve', lambda *a: calls.append(a))
+  calls = _restarts_recorded(monkeypatch)
   host_memory.restart_with_huge_pages()
   (path, argv, env), = calls
   assert path == sys.executable and argv == sys.orig_argv
