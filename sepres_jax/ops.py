@@ -257,7 +257,7 @@ def _dft_matrices(h, w, kh, kw):
           inverse.reshape(2 * q, h * w).astype(np.float32))
 
 
-def _complex_rows(xf, b):
+def _complex_rows(xf):
   """[[Re, -Im], [Im, Re]] of xf [Q, 2, B, C] as [Q, 2B, 2C]: times [Re; Im] of a [C, D]
   complex matrix it gives [Re; Im] of the complex product."""
   re, im = xf[:, 0], xf[:, 1]
@@ -275,7 +275,7 @@ def _dft_conv_fwd(x, kernel, sizes):
   q, p = t.shape[0] // 2, h * w
   b, c, d = x.shape[0], x.shape[-1], kernel.shape[-1]
   xf = jnp.einsum('fp,bpc->fbc', t, x.reshape(b, p, c)).reshape(q, 2, b, c)
-  x2 = _complex_rows(xf, b)  # [Q, 2B, 2C]
+  x2 = _complex_rows(xf)  # [Q, 2B, 2C]
   k2 = (s @ kernel.reshape(kh * kw, c * d)).reshape(q, 2 * c, d)  # [Q, (Re; Im) of C, D]
   yf = jnp.einsum('qbc,qcd->qbd', x2, k2)  # [Q, (Re; Im) of B, D]
   y = (u.T @ yf.reshape(2 * q, b * d)).reshape(p, b, d)
