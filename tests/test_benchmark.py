@@ -57,13 +57,23 @@ def _benchmark(tmp_path, *args, **env):
 
 
 @pytest.mark.slow
+def test_timed_gives_the_median_and_the_mean_that_counts_slow_calls(monkeypatch):
+  from sepres_jax import benchmark  # pylint: disable=g-import-not-at-top
+  clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 5.0])  # Calls of 1, 1 and 3 s after the warm-up.
+  monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: next(clock))
+  means = []
+  assert benchmark._timed(lambda: 0, repeats=3, mean_into=means) == 1.0
+  assert means == [5.0 / 3]
+
+
 def test_benchmark_mode_prints_json_and_profile(tmp_path):
   xla_cache = tmp_path / 'xla'
   out, result = _benchmark(tmp_path, '--config.benchmark.profile=True',
                            JAX_COMPILATION_CACHE_DIR=str(xla_cache))
   for key in ('train_images_per_sec', 'infer_images_per_sec', 'flops_fraction_of_matmul',
-              'peak_rss_mb', 'train_compile_sec', 'infer_compile_sec'):
+              'peak_rss_mb', 'train_compile_sec', 'infer_compile_sec', 'train_step_sec_mean'):
     assert result[key] > 0, key
+  assert result['large_conv'] == 'auto' and result['host_keep_memory'] in (True, False)
   # Its compile times are the compiler's: a persistent cache is neither read nor written.
   assert not xla_cache.exists() or not any(xla_cache.iterdir())
   assert result['batch_size'] == 4 and result['infer_size'] == [64, 96]
