@@ -36,8 +36,7 @@ def main(argv):
   if FLAGS.workdir is None and FLAGS.mode not in _NO_WORKDIR_MODES:
     sys.exit(f'error: --mode={FLAGS.mode} needs --workdir=DIR')
   # Runs this command again, if it must, before any work (sepres_jax/host_memory.py).
-  for line in host_memory.restart(FLAGS.config.host_huge_pages,
-                                  FLAGS.config.get('host_keep_memory', False)):
+  for line in host_memory.restart(FLAGS.config.host_huge_pages, FLAGS.config.host_keep_memory):
     logging.info('Host memory: %s', line)
   import jax  # pylint: disable=g-import-not-at-top  # Imported after the restart: 1 s less.
   if FLAGS.mode == 'benchmark':  # Time the compiler, never a read of a persistent cache.

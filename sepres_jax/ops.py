@@ -251,7 +251,7 @@ def _dft_matrices(h, w, kh, kw):
   at_taps = 2 * np.pi * (u * i / nh + v * j / nw)  # [Q, Kh, Kw]
   t = np.stack([np.cos(at_map), -np.sin(at_map)], 1)
   s = np.stack([np.cos(at_taps), np.sin(at_taps)], 1)
-  inverse = np.stack([np.cos(at_map), -np.sin(at_map)], 1) * weights[:, None]
+  inverse = t * weights[:, None]  # Re(Y e^{+i at_map}) = Re(Y) cos - Im(Y) sin: t's rows.
   q = len(freqs)
   return (t.reshape(2 * q, h * w).astype(np.float32), s.reshape(2 * q, kh * kw).astype(np.float32),
           inverse.reshape(2 * q, h * w).astype(np.float32))
