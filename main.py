@@ -35,8 +35,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.workdir is None and FLAGS.mode not in _NO_WORKDIR_MODES:
     sys.exit(f'error: --mode={FLAGS.mode} needs --workdir=DIR')
+  try:  # A config file that is missing fails at its first use, not when the flags are parsed.
+    host = FLAGS.config.host_huge_pages, FLAGS.config.host_keep_memory
+  except OSError as e:
+    sys.exit(f'error: --config={FLAGS["config"].config_filename}: cannot load it '
+             f'({_last_line(e)})')
   # Runs this command again, if it must, before any work (sepres_jax/host_memory.py).
-  for line in host_memory.restart(FLAGS.config.host_huge_pages, FLAGS.config.host_keep_memory):
+  for line in host_memory.restart(*host):
     logging.info('Host memory: %s', line)
   import jax  # pylint: disable=g-import-not-at-top  # Imported after the restart: 1 s less.
   if FLAGS.mode == 'benchmark':  # Time the compiler, never a read of a persistent cache.
@@ -67,19 +72,40 @@ def _initialize_distributed():
                                None if pid is None else int(pid))
 
 
+def _last_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return ' '.join(lines[-1].split()) if lines else type(e).__name__
+
+
 def parse_flags(argv):
-  """absl's parsing, with config mistakes (unknown key, wrong type) as one line, not a traceback."""
+  """absl's parsing, with config mistakes (unknown key, wrong type, a config file that does not
+  run) as one line, not a traceback."""
+  config_file = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')),
+                     next((b for a, b in zip(argv[1:], argv[2:]) if a == '--config'), '?'))
   try:
     return FLAGS(argv)
   except flags.Error as e:
     sys.exit(f'error: {e}')
-  except (KeyError, AttributeError) as e:
-    key = str(e).strip('"\'')
-    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and key in a]
-    sys.exit(f'error: unknown config key {" ".join(bad) or key!r} (see the config file for the '
-             'fields it has)')
+  except SyntaxError as e:
+    sys.exit(f'error: --config={config_file}: {e.msg} at line {e.lineno}')
+  except AttributeError as e:
+    if 'get_config' in str(e):
+      sys.exit(f'error: --config={config_file}: the file defines no get_config()')
+    _unknown_key(argv, e)
+  except KeyError as e:
+    _unknown_key(argv, e)
   except (TypeError, ValueError) as e:
     sys.exit(f'error: bad config value: {e}')
+  except Exception as e:  # pylint: disable=broad-except  # The config file's own code failed.
+    sys.exit(f'error: --config={config_file}: get_config() raised {type(e).__name__}: '
+             f'{_last_line(e)}')
+
+
+def _unknown_key(argv, e: Exception):
+  key = str(e).strip('"\'')
+  bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and key in a]
+  sys.exit(f'error: unknown config key {" ".join(bad) or key!r} (see the config file for the '
+           'fields it has)')
 
 
 if __name__ == '__main__':

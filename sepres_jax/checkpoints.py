@@ -89,6 +89,8 @@ def _save_error(manager, step: Optional[int], e: BaseException) -> CheckpointErr
 
 def short_reason(e: BaseException) -> str:
   """The useful part of an orbax/tensorstore error: the OS's words, without the store's spec."""
+  while type(e) is Exception and e.__cause__ is not None:  # pylint: disable=unidiomatic-typecheck
+    e = e.__cause__  # orbax wraps a read's error in a bare Exception that says less.
   text = ' '.join(str(e).split()) or type(e).__name__
   text = text.split(' [tensorstore_spec')[0]
   m = re.search(r'(Failed[^\[]*?: )?([^:\[]*(File too large|No space left on device|Permission '
@@ -112,8 +114,9 @@ def restore(manager, step: int, abstract_state, data_iterator=None) -> tuple[Any
   items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'checkpoint {step} in {manager.directory} does not fit this model '
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exception too.
+    # The shapes matched above, so this is a file that is missing, cut short or corrupt.
+    raise CheckpointError(f'checkpoint {step} in {manager.directory} cannot be read '
                           f'({short_reason(e)})') from e
   if data_iterator is not None:
     data_iterator.set_state(_data_state(os.path.join(os.fspath(manager.directory), str(step),

@@ -5,12 +5,15 @@ import sys
 from absl import logging
 
 from sepres_jax import checkpoints
+from sepres_jax import config_check
 from sepres_jax import models
 from sepres_jax import train
 from sepres_jax.data.camvid import DataError
 
-USER_ERRORS = (train.RunError, checkpoints.CheckpointError, DataError, FileNotFoundError,
-               NotADirectoryError, models.ModelConfigError)
+# OSError: a path that cannot be made or written (read-only, a file where a folder goes, disk
+# full); its message names the path.
+USER_ERRORS = (train.RunError, checkpoints.CheckpointError, DataError, OSError,
+               models.ModelConfigError, config_check.ConfigError)
 
 
 class _QuietLibraries:
@@ -42,6 +45,7 @@ def run(mode: str, config, workdir: str, verbose: bool = False) -> int:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     sys.unraisablehook = _quiet_unraisable
   try:
+    config_check.check(mode, config)
     return _dispatch(mode, config, workdir) or 0
   except USER_ERRORS as e:
     if verbose:

@@ -70,7 +70,7 @@ def _fitted(name: str, state, stored: dict, location: str, new_layers_ok: bool,
                  name, len(new), ', '.join(new))
   target = checkpoints.abstract_like(target)
   restored = _restore(location, {under: target} if under else target,
-                      f'{name}: weights do not fit this model')
+                      f'{name}: cannot read its weights')  # Shapes matched: a bad file.
   return _merged(weights, restored[under] if under else restored)
 
 
@@ -100,6 +100,10 @@ def _stored_weights(path: str, which: str = 'best'):
         raise train.RunError(f'no checkpoint in {os.path.join(path, checkpoints.CHECKPOINT_DIR)}')
       tree = manager.item_metadata(step)['state']
       tree = getattr(tree, 'tree', tree)
+      if tree is None:
+        manager.close()
+        raise train.RunError(f'{path}: checkpoint {step} has no metadata (an incomplete copy, '
+                             'or corrupt)')
       location = os.path.join(os.fspath(manager.directory), str(step), 'state')
       manager.close()
     else:
@@ -142,8 +146,8 @@ def _restore(location: str, target, failure: str):
     with ocp.PyTreeCheckpointer() as checkpointer:
       return checkpointer.restore(location, args=ocp.args.PyTreeRestore(
           item=target, restore_args=restore_args, partial_restore=True))
-  except (ValueError, KeyError, TypeError) as e:
-    raise train.RunError(f'{failure} ({_first_line(e)})') from None
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exception too.
+    raise train.RunError(f'{failure} ({checkpoints.short_reason(e)})') from None
 
 
 def _merged(base: dict, update: dict) -> dict:
@@ -200,6 +204,8 @@ def evaluate(config, workdir: str) -> dict:
     raise train.RunError(f'config.eval.split={split!r}: the data has splits {sorted(sources)}')
   _, state, mesh, origin = trained_state(config, workdir)
   train.check_batch_sizes(config, mesh)
+  if jax.process_index() == 0:  # Where the scores go: writable before the work, not after.
+    train.check_writable(os.path.join(os.path.abspath(workdir), 'eval'))
   batches = input_pipeline.eval_batches(
       sources[split], config.data, global_batch_size=config.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),

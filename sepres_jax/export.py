@@ -35,8 +35,10 @@ def export(config, workdir: str) -> int:
     raise train.RunError(f'no checkpoint in {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} '
                          '(train first, or pass --config.init_from=DIR)')
   model, state, _, origin = evaluate.trained_state(config, workdir)
-  variables = jax.tree.map(_host, {'params': state.params, 'batch_stats': state.batch_stats})
   out_dir = config.export.output or os.path.join(workdir, 'export')
+  if jax.process_index() == 0:
+    train.check_writable(os.path.abspath(os.path.expanduser(out_dir)))  # Before the work.
+  variables = jax.tree.map(_host, {'params': state.params, 'batch_stats': state.batch_stats})
   meta = write(config, model, variables, origin, out_dir)
   print(f'exported the {origin} (input {meta["input"]["mode"]}, '
         f'{", ".join(meta["platforms"])}) into {os.path.abspath(os.path.expanduser(out_dir))}'

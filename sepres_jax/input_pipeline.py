@@ -391,7 +391,8 @@ def train_iterator(source, data_config, *, global_batch_size, seed, process_inde
   """
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   if steps_per_epoch(len(source), global_batch_size) == 0:
-    raise ValueError(f'{len(source)} training examples < global batch {global_batch_size}')
+    raise DataError(f'{len(source)} training examples, fewer than one batch (config.batch_size='
+                    f'{global_batch_size})')
   ds = (grain.MapDataset.range(len(source))
         .shuffle(seed=seed)
         .batch(global_batch_size, drop_remainder=True)

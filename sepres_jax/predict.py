@@ -159,6 +159,7 @@ def predict(config, workdir: str) -> int:
       config.predict.output or os.path.join(workdir, 'predictions')))
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   _, state, _, origin = evaluate.trained_state(config, workdir)
+  train.check_writable(out_dir)  # Before the work, not after it.
   ensemble = evaluate.members(config, state)
   if len(ensemble) > 1:
     origin += f' and {len(ensemble) - 1} ensemble member(s)'

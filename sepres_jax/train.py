@@ -8,6 +8,7 @@ over the device axis. Both give the same numbers (tests/test_parallel.py).
 
 import functools
 import json
+import errno
 import os
 import time
 from typing import Any, Optional
@@ -56,6 +57,67 @@ def with_fresh_ema(state: TrainState) -> TrainState:
 
 class RunError(RuntimeError):
   """A run cannot go on; its message is one line meant for the user."""
+
+
+def check_writable(path: str) -> None:
+  """Raises OSError naming the place when the folder `path` could not be made or written to (a
+  read-only file system, no permission, a file where a folder goes): before the work, not after.
+  Creates nothing: a run that then fails leaves no folder behind."""
+  place = os.path.abspath(path)
+  while not os.path.exists(place):
+    place = os.path.dirname(place)
+  if not os.path.isdir(place):
+    raise NotADirectoryError(errno.ENOTDIR, 'a file, not a folder', place)
+  if not os.access(place, os.W_OK):
+    raise PermissionError(errno.EACCES, 'cannot write there', place)
+
+
+# What a resumed run may not change: what its checkpoints hold (the network, its dtype), the data
+# they were trained on and its order (data.*, batch_size, seed), and how the best is chosen
+# (best_metric; eval.input, what validation scores). The data's paths and pipeline settings and
+# the kernel forms (same numbers) are free; so are the optimiser's and the rules' fields (a rate
+# lowered for the last epochs, say): history.json records each epoch's rate.
+RESUME_FIXED = ('model.', 'data.', 'dtype', 'batch_size', 'seed', 'best_metric', 'eval.input')
+RESUME_FREE = ('model.impl', 'model.large_conv', 'data.manual_dir', 'data.cache_dir',
+               'data.num_workers', 'data.prefetch', 'data.cache_decoded_mb')
+
+
+def check_resumed_config(config, workdir: str) -> list[str]:
+  """Raises RunError when `workdir` holds a checkpoint trained with other RESUME_FIXED values.
+
+  Compares with the run's config.json (fields it lacks, from an older version, are not compared).
+  Returns the other fields that differ, 'key old -> new'; nothing is written.
+  """
+  path = os.path.join(workdir, 'config.json')
+  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  if not (os.path.isfile(path) and os.path.isdir(ckpt_dir)
+          and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+    return []
+  try:
+    with open(path) as f:
+      stored = _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    raise RunError(f'{path}: cannot read the run\'s config ({e})') from None
+  now = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(stored.keys() & now.keys()) if stored[k] != now[k]]
+  fixed = lambda k: k not in RESUME_FREE and any(k == f or (f.endswith('.') and k.startswith(f))
+                                                 for f in RESUME_FIXED)
+  says = lambda k: f'{k} {stored[k]!r} -> {now[k]!r}'
+  refused = [says(k) for k in changed if fixed(k)]
+  if refused:
+    raise RunError(f'{workdir} holds a run trained with another config: {"; ".join(refused)} '
+                   '(resume with its values, as in its config.json, or use another --workdir)')
+  return [says(k) for k in changed]
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +482,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   is_main = jax.process_index() == 0
+  check_writable(workdir)  # Before the data and the model are built, not after.
+  config_changes = check_resumed_config(config, workdir)
 
   # --- Mesh and input ------------------------------------------------------------------------
   mesh = make_mesh()
@@ -470,6 +534,11 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     state = state.replace(**evaluate.load_weights(config.init_from, state, new_layers_ok=True))
     state = with_fresh_ema(state)  # The average starts at the weights fine-tuned from.
   if is_main:
+    if latest is not None and config_changes:  # config.json is this run's; keep the one before.
+      kept = os.path.join(workdir, f'config.until_step{latest}.json')
+      os.replace(os.path.join(workdir, 'config.json'), kept)
+      logging.info('Resumed with %s; the config of steps 1-%d is now %s',
+                   '; '.join(config_changes), latest, kept)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   writer = _create_writer(workdir) if is_main else None

@@ -218,8 +218,62 @@ def test_checkpoint_of_another_model_is_one_line_and_touches_nothing(shared, ref
   shutil.copytree(reference, workdir)
   before = _digest(workdir)
   out = _run(workdir, shared, '--config.num_epochs=3', '--config.model.head_width=48')
-  assert out.returncode == 1
-  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
-  assert len(err) == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
-  assert str(workdir) in err[0] and 'another model' in err[0] and '(32' in err[0], err[0]
+  err = _one_error(out)
+  # config.json says what differs, before any work.
+  assert err.startswith(f'error: {workdir} holds a run trained with another config: '
+                        'model.head_width 32 -> 48'), err
   assert _digest(workdir) == before
+  # Without config.json (a copy of the checkpoints alone) the checkpoint's shapes say it.
+  (workdir / 'config.json').unlink()
+  before = _digest(workdir)
+  err = _one_error(_run(workdir, shared, '--config.num_epochs=3', '--config.model.head_width=48'))
+  assert str(workdir) in err and 'another model' in err and '(32' in err, err
+  assert _digest(workdir) == before
+
+
+def _one_error(out):
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1, out.stderr[-3000:]
+  return err[0]
+
+
+@pytest.mark.slow
+def test_resume_with_another_best_metric_is_refused_and_keeps_the_run(shared, reference, tmp_path):
+  """Before, config.json was rewritten: the workdir's evaluate then looked for the new metric."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  before = _digest(workdir)
+  err = _one_error(_run(workdir, shared, '--config.best_metric=val_loss'))
+  assert "best_metric 'val_miou' -> 'val_loss'" in err, err
+  assert _digest(workdir) == before
+
+
+@pytest.mark.slow
+def test_corrupt_or_incomplete_checkpoint_is_one_line_and_touches_nothing(shared, reference,
+                                                                         tmp_path):
+  corrupt = tmp_path / 'corrupt'
+  shutil.copytree(reference, corrupt)
+  step = _steps(corrupt)[-1]
+  for path in (corrupt / 'checkpoints' / str(step) / 'state').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':  # The arrays' data files, cut short.
+      path.write_bytes(path.read_bytes()[:20])
+  incomplete = tmp_path / 'incomplete'
+  shutil.copytree(reference, incomplete)
+  for path in (incomplete / 'checkpoints').rglob('*'):
+    if path.name in ('_CHECKPOINT_METADATA', '_METADATA'):
+      path.unlink()
+  before = {w: _digest(w) for w in (corrupt, incomplete)}
+  cases = [
+      (corrupt, ('--config.num_epochs=3',), f'checkpoint {step} in {corrupt}/checkpoints cannot '
+       'be read'),
+      (corrupt, ('--mode=evaluate',), f'{corrupt}: cannot read its weights'),
+      (incomplete, ('--mode=evaluate',), f'checkpoint {step} has no metadata'),
+  ]
+  for workdir, args, words in cases:
+    out = _run(workdir, shared, *args)
+    err = _one_error(out)
+    assert words in err, err
+    assert 'Exception ignored' not in out.stderr, out.stderr[-3000:]
+  assert {w: _digest(w) for w in (corrupt, incomplete)} == before

@@ -34,10 +34,15 @@ def test_train_resume_evaluate(tmp_path):
   history = json.loads((workdir / 'history.json').read_text())
   assert [r['epoch'] for r in history] == [1, 2, 3]
   assert [r['step'] for r in history] == [4, 8, 12]
+  # config.json is the resumed run's; the first run's (num_epochs 1) is kept beside it.
+  assert json.loads((workdir / 'config.json').read_text())['num_epochs'] == 3
+  assert json.loads((workdir / 'config.until_step4.json').read_text())['num_epochs'] == 1
   assert all(r['train_loss'] > 0 and 0 <= r['val_miou'] <= 1 for r in history)
 
   done = _main(workdir, cache, '--config.num_epochs=3')  # Nothing left to do.
   assert done.returncode == 0 and 'epoch 4' not in done.stderr
+  assert sorted(f for f in os.listdir(workdir) if f.startswith('config')) == [
+      'config.json', 'config.until_step4.json']  # Nothing changed: nothing more kept.
 
   ev = _main(workdir, cache, '--mode=evaluate', '--config.eval.checkpoint=latest')
   assert ev.returncode == 0, ev.stderr[-3000:]

@@ -1,0 +1,87 @@
+"""A config's values checked before any work: a bad one is a one-line error naming its key.
+
+The flag parser checks types only as far as the config file's defaults give them (a tuple field
+given `(64,abc)` becomes a string), and many values fail only deep in a run, some after a whole
+epoch (a `best_metric` that no epoch records). `check(mode, config)` runs first, in cli.run.
+"""
+
+# The per-epoch keys of history.json a rule may follow (best_metric, plateau, early stopping).
+HISTORY_METRICS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_miou',
+                   'val_mean_class_accuracy')
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(Exception):
+  """A config value that cannot work: a user error, reported as one line."""
+
+
+def check(mode: str, config) -> None:
+  """Raises ConfigError naming the first bad value of `config` for `mode`."""
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'predict.batch_size'):
+    _positive_int(config, key)
+  if mode == 'train':
+    _positive_int(config, 'num_epochs')
+  for key in ('checkpoint_every_steps', 'warmup_steps'):
+    _positive_int(config, key, zero_ok=True)
+  _size(config, 'data.image_size')
+  if mode == 'benchmark':
+    _size(config, 'benchmark.infer_size')
+  dtype = _get(config, 'dtype')
+  if dtype is not None and str(dtype) not in DTYPES:
+    raise ConfigError(f'config.dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
+  for key in ('best_metric', 'plateau.monitor', 'early_stopping.monitor'):
+    value = _get(config, key)
+    if value is not None and value not in HISTORY_METRICS:
+      raise ConfigError(f'config.{key} must name a per-epoch metric of history.json '
+                        f'({", ".join(HISTORY_METRICS)}), got {value!r}')
+  _model(config)
+
+
+def _get(config, key: str):
+  """config's value at the dotted `key`, or None where the config has no such field."""
+  node = config
+  for part in key.split('.'):
+    if not hasattr(node, 'get') or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(config, key: str, zero_ok: bool = False) -> None:
+  value = _get(config, key)
+  if value is None:
+    return
+  if not _is_int(value) or value < (0 if zero_ok else 1):
+    what = 'a non-negative' if zero_ok else 'a positive'
+    raise ConfigError(f'config.{key} must be {what} integer, got {value!r}')
+
+
+def _size(config, key: str) -> None:
+  """A (height, width) field: two positive multiples of 32 (the network pools five times)."""
+  value = _get(config, key)
+  if value is None:
+    return
+  if (not isinstance(value, (tuple, list)) or len(value) != 2
+      or not all(_is_int(v) and v > 0 and v % 32 == 0 for v in value)):
+    raise ConfigError(f'config.{key} must be (height, width), two positive multiples of 32, '
+                      f'got {value!r}')
+
+
+def _model(config) -> None:
+  """The network's shape fields (models.SepResFCN8 checks them again, but only once traced)."""
+  widths = _get(config, 'model.widths')
+  if widths is not None and (not isinstance(widths, (tuple, list)) or len(widths) != 5
+                             or not all(_is_int(w) and w > 0 for w in widths)):
+    raise ConfigError('config.model.widths must be 5 positive integers (stem + 4 blocks), '
+                      f'got {widths!r}')
+  _positive_int(config, 'model.head_width')
+  _positive_int(config, 'model.block_depth')
+  for key in ('model.refine', 'model.context'):
+    _positive_int(config, key, zero_ok=True)
+  skips = _get(config, 'model.fine_skips')
+  if skips is not None and skips not in (0, 1, 2):
+    raise ConfigError(f'config.model.fine_skips must be 0, 1 or 2, got {skips!r}')

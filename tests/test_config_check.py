@@ -1,0 +1,187 @@
+"""Config values are checked before any work; a config file that does not load is one line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_env
+from sepres_jax import config_check
+from sepres_jax import train
+
+MODES = ('train', 'evaluate', 'predict', 'export', 'summary', 'benchmark', 'verify', 'visualize')
+
+
+def _config(name='configs/test.py'):
+  spec = importlib.util.spec_from_file_location('cfg', ROOT / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('name', ['configs/default.py', 'configs/seed.py', 'configs/camvid_best.py',
+                                  'configs/custom.py', 'configs/demo.py', 'configs/gpu.py',
+                                  'configs/test.py',
+                                  'pretrained/camvid_sepres_w192_h512/config.py'])
+def test_every_shipped_config_passes(name):
+  config = _config(name)
+  for mode in MODES:
+    config_check.check(mode, config)
+
+
+@pytest.mark.parametrize('key, value, words', [
+    ('batch_size', 0, 'positive integer, got 0'),
+    ('batch_size', -4, 'positive integer, got -4'),
+    ('eval_batch_size', 0, 'positive integer'),
+    ('log_every_steps', 0, 'positive integer'),
+    ('checkpoint_every_steps', -1, 'non-negative integer'),
+    ('data.image_size', (100, 100), 'two positive multiples of 32, got (100, 100)'),
+    ('data.image_size', ('(64,abc)',), 'two positive multiples of 32'),
+    ('data.image_size', (64, 64, 64), 'two positive multiples of 32'),
+    ('dtype', 'float13', "float32, bfloat16, got 'float13'"),
+    ('best_metric', 'val_bogus', "got 'val_bogus'"),
+    ('plateau.monitor', 'bogus', 'per-epoch metric'),
+    ('early_stopping.monitor', 'val_iou', 'per-epoch metric'),
+    ('model.widths', (4, 8), '5 positive integers'),
+    ('model.widths', (4, 8, 8, 0, 16), '5 positive integers'),
+    ('model.fine_skips', 3, '0, 1 or 2'),
+    ('model.refine', -1, 'non-negative'),
+])
+def test_bad_value_names_its_key(key, value, words):
+  config = _config()
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_check.ConfigError, match=f'config.{key}') as e:
+    config_check.check('train', config)
+  assert words in str(e.value)
+
+
+def test_epochs_and_benchmark_size_are_checked_where_they_are_used():
+  config = _config()
+  config.num_epochs = 0
+  config.benchmark.infer_size = (100, 100)
+  config_check.check('evaluate', config)  # Neither is read there.
+  with pytest.raises(config_check.ConfigError, match='config.num_epochs'):
+    config_check.check('train', config)
+  with pytest.raises(config_check.ConfigError, match='config.benchmark.infer_size'):
+    config_check.check('benchmark', config)
+
+
+def _main(tmp_path, *args):
+  cmd = [sys.executable, 'main.py', f'--workdir={tmp_path / "run"}', *args]
+  return subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+
+
+def _one_error(out):
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-2000:]
+  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1, out.stderr[-2000:]
+  return err[0]
+
+
+@pytest.mark.parametrize('text, words', [
+    (None, 'No such file or directory'),
+    ('def get_config(:\n', 'invalid syntax at line 1'),
+    ('x = 1\n', 'defines no get_config()'),
+    ('def get_config():\n  raise RuntimeError("no GPU here")\n',
+     'get_config() raised RuntimeError: no GPU here'),
+])
+def test_config_file_that_does_not_load_is_one_line(tmp_path, text, words):
+  path = tmp_path / 'my_config.py'
+  if text is not None:
+    path.write_text(text)
+  err = _one_error(_main(tmp_path, f'--config={path}'))
+  assert str(path) in err and words in err, err
+  assert not (tmp_path / 'run').exists()
+
+
+def test_bad_value_stops_before_any_work(tmp_path):
+  err = _one_error(_main(tmp_path, '--config=configs/test.py', '--config.batch_size=0',
+                         f'--config.data.cache_dir={tmp_path / "cache"}'))
+  assert err == 'error: config.batch_size must be a positive integer, got 0'
+  assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
+
+
+def _finished_run(tmp_path, config):
+  """A workdir as a run of `config` leaves it: config.json and a checkpoint folder."""
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  return str(workdir)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+  config = _config()
+  workdir = _finished_run(tmp_path, config)
+  before = (tmp_path / 'run' / 'config.json').read_text()
+  config.best_metric = 'val_loss'
+  config.batch_size = 2
+  config.learning_rate = 0.5  # Free: not listed.
+  with pytest.raises(train.RunError) as e:
+    train.check_resumed_config(config, workdir)
+  assert str(e.value).startswith(f'{workdir} holds a run trained with another config: '
+                                 "batch_size 4 -> 2; best_metric 'val_miou' -> 'val_loss' (")
+  config.best_metric, config.batch_size = 'val_miou', 4
+  config.model.head_width = 48
+  config.data.augment.jitter = 0.3
+  with pytest.raises(train.RunError, match='data.augment.jitter 0.0 -> 0.3; model.head_width 32 '
+                     '-> 48'):
+    train.check_resumed_config(config, workdir)
+  assert (tmp_path / 'run' / 'config.json').read_text() == before
+
+
+def test_resuming_may_change_the_schedule_paths_logging_and_kernels(tmp_path):
+  config = _config()
+  workdir = _finished_run(tmp_path, config)
+  config.num_epochs = 9
+  config.learning_rate = 1e-4
+  config.log_every_steps = 7
+  config.data.cache_dir = '/elsewhere'
+  config.model.impl = 'xla'
+  assert train.check_resumed_config(config, workdir) == [
+      "data.cache_dir '~/.cache/sepres_jax' -> '/elsewhere'", 'learning_rate 0.001 -> 0.0001',
+      'log_every_steps 2 -> 7', "model.impl 'auto' -> 'xla'", 'num_epochs 2 -> 9']
+
+
+def test_fields_an_older_run_did_not_record_are_not_compared(tmp_path):
+  config = _config()
+  workdir = _finished_run(tmp_path, config)
+  stored = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  del stored['host_keep_memory'], stored['model']['large_conv']
+  (tmp_path / 'run' / 'config.json').write_text(json.dumps(stored))
+  config.host_keep_memory = not config.host_keep_memory
+  config.model.large_conv = 'rows'
+  train.check_resumed_config(config, workdir)
+  os.rename(tmp_path / 'run' / 'checkpoints' / '4', tmp_path / 'run' / 'checkpoints' / 'tmp')
+  config.best_metric = 'val_loss'  # No checkpoint: a new run, nothing to compare.
+  train.check_resumed_config(config, workdir)
+
+
+def test_a_file_where_the_folder_goes_fails_before_the_work(tmp_path):
+  (tmp_path / 'taken').write_text('')
+  for path in (tmp_path / 'taken', tmp_path / 'taken' / 'run'):
+    with pytest.raises(NotADirectoryError, match=str(tmp_path / 'taken')):
+      train.check_writable(str(path))
+  train.check_writable(str(tmp_path / 'a' / 'b'))
+  assert os.listdir(tmp_path) == ['taken']  # Nothing made.
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='mounting a read-only file system needs root')
+def test_a_read_only_place_fails_before_the_work(tmp_path):
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', str(ro)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here')
+  try:
+    with pytest.raises(PermissionError, match=str(ro)):
+      train.check_writable(str(ro / 'run'))
+  finally:
+    subprocess.run(['umount', str(ro)], check=True)
