@@ -14,6 +14,7 @@ import time
 from typing import Any, Optional
 
 from absl import logging
+from flax import traverse_util
 from flax.training import train_state
 import jax
 from jax import lax
@@ -95,10 +96,10 @@ def check_resumed_config(config, workdir: str) -> list[str]:
     return []
   try:
     with open(path) as f:
-      stored = _flat(json.load(f))
+      stored = traverse_util.flatten_dict(json.load(f), sep='.')
   except (OSError, ValueError) as e:
     raise RunError(f'{path}: cannot read the run\'s config ({e})') from None
-  now = _flat(json.loads(config.to_json_best_effort()))
+  now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
   changed = [k for k in sorted(stored.keys() & now.keys()) if stored[k] != now[k]]
   fixed = lambda k: k not in RESUME_FREE and any(k == f or (f.endswith('.') and k.startswith(f))
                                                  for f in RESUME_FIXED)
@@ -108,16 +109,6 @@ def check_resumed_config(config, workdir: str) -> list[str]:
     raise RunError(f'{workdir} holds a run trained with another config: {"; ".join(refused)} '
                    '(resume with its values, as in its config.json, or use another --workdir)')
   return [says(k) for k in changed]
-
-
-def _flat(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,15 @@ def run_env(compile_cache=True, **extra):
   return env
 
 
+def one_error_line(out):
+  """The one `error:` line of a failed main.py run (exit status 1), with no traceback."""
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1, out.stderr[-3000:]
+  return err[0]
+
+
 def run_on_devices(script, n):
   """The JSON after the last `RESULT ` line that `script` prints, run on `n` simulated CPU devices."""
   env = run_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={n}', JAX_PLATFORMS='cpu')

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_env
+from conftest import ROOT, one_error_line, run_env
 from sepres_jax import config_check
 from sepres_jax import train
 
@@ -29,7 +29,11 @@ def _config(name='configs/test.py'):
 def test_every_shipped_config_passes(name):
   config = _config(name)
   for mode in MODES:
-    config_check.check(mode, config)
+    assert config_check.check(mode, config) is None  # No ConfigError.
+  config.eval_batch_size = 0  # The same config with one bad value is caught, in every mode.
+  for mode in MODES:
+    with pytest.raises(config_check.ConfigError, match='config.eval_batch_size'):
+      config_check.check(mode, config)
 
 
 @pytest.mark.parametrize('key, value, words', [
@@ -78,14 +82,6 @@ def _main(tmp_path, *args):
   return subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
 
 
-def _one_error(out):
-  assert out.returncode == 1, out.stderr[-2000:]
-  assert 'Traceback' not in out.stderr, out.stderr[-2000:]
-  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
-  assert len(err) == 1, out.stderr[-2000:]
-  return err[0]
-
-
 @pytest.mark.parametrize('text, words', [
     (None, 'No such file or directory'),
     ('def get_config(:\n', 'invalid syntax at line 1'),
@@ -97,13 +93,13 @@ def test_config_file_that_does_not_load_is_one_line(tmp_path, text, words):
   path = tmp_path / 'my_config.py'
   if text is not None:
     path.write_text(text)
-  err = _one_error(_main(tmp_path, f'--config={path}'))
+  err = one_error_line(_main(tmp_path, f'--config={path}'))
   assert str(path) in err and words in err, err
   assert not (tmp_path / 'run').exists()
 
 
 def test_bad_value_stops_before_any_work(tmp_path):
-  err = _one_error(_main(tmp_path, '--config=configs/test.py', '--config.batch_size=0',
+  err = one_error_line(_main(tmp_path, '--config=configs/test.py', '--config.batch_size=0',
                          f'--config.data.cache_dir={tmp_path / "cache"}'))
   assert err == 'error: config.batch_size must be a positive integer, got 0'
   assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_env
+from conftest import ROOT, one_error_line, run_env
 
 TIME_KEYS = ('epoch_time', 'train_time', 'data_wait_fraction')
 
@@ -218,7 +218,7 @@ def test_checkpoint_of_another_model_is_one_line_and_touches_nothing(shared, ref
   shutil.copytree(reference, workdir)
   before = _digest(workdir)
   out = _run(workdir, shared, '--config.num_epochs=3', '--config.model.head_width=48')
-  err = _one_error(out)
+  err = one_error_line(out)
   # config.json says what differs, before any work.
   assert err.startswith(f'error: {workdir} holds a run trained with another config: '
                         'model.head_width 32 -> 48'), err
@@ -226,17 +226,9 @@ def test_checkpoint_of_another_model_is_one_line_and_touches_nothing(shared, ref
   # Without config.json (a copy of the checkpoints alone) the checkpoint's shapes say it.
   (workdir / 'config.json').unlink()
   before = _digest(workdir)
-  err = _one_error(_run(workdir, shared, '--config.num_epochs=3', '--config.model.head_width=48'))
+  err = one_error_line(_run(workdir, shared, '--config.num_epochs=3', '--config.model.head_width=48'))
   assert str(workdir) in err and 'another model' in err and '(32' in err, err
   assert _digest(workdir) == before
-
-
-def _one_error(out):
-  assert out.returncode == 1, out.stderr[-3000:]
-  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
-  err = [l for l in out.stderr.splitlines() if l.startswith('error:')]
-  assert len(err) == 1, out.stderr[-3000:]
-  return err[0]
 
 
 @pytest.mark.slow
@@ -245,7 +237,7 @@ def test_resume_with_another_best_metric_is_refused_and_keeps_the_run(shared, re
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
   before = _digest(workdir)
-  err = _one_error(_run(workdir, shared, '--config.best_metric=val_loss'))
+  err = one_error_line(_run(workdir, shared, '--config.best_metric=val_loss'))
   assert "best_metric 'val_miou' -> 'val_loss'" in err, err
   assert _digest(workdir) == before
 
@@ -273,7 +265,7 @@ def test_corrupt_or_incomplete_checkpoint_is_one_line_and_touches_nothing(shared
   ]
   for workdir, args, words in cases:
     out = _run(workdir, shared, *args)
-    err = _one_error(out)
+    err = one_error_line(out)
     assert words in err, err
     assert 'Exception ignored' not in out.stderr, out.stderr[-3000:]
   assert {w: _digest(w) for w in (corrupt, incomplete)} == before
