@@ -109,7 +109,7 @@ def _stored_weights(path: str, which: str = 'best'):
     else:
       raise _not_weights(path)
   except (ValueError, KeyError, TypeError, OSError) as e:
-    raise train.RunError(f'{path}: cannot read its weights ({_first_line(e)})') from None
+    raise train.RunError(f'{path}: cannot read its weights ({checkpoints.short_reason(e)})') from None
   ema = tree['ema'] if 'ema' in tree else None
   under = 'ema' if isinstance(ema, dict) and 'params' in ema else None
   tree = tree[under] if under else tree
@@ -161,10 +161,6 @@ def _best_metric(workdir: str):
       return json.load(f).get('best_metric')
   except OSError:
     return None
-
-
-def _first_line(e: Exception) -> str:
-  return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
 def trained_state(config, workdir: str):
