@@ -23,11 +23,11 @@ from sepres_jax import profiling
 from sepres_jax import train
 
 
-def _timed(fn, *args, repeats, mean_into=None):
-  """Median seconds of `repeats` calls of fn(*args) (results blocked on), after one warm-up.
+def _timed(fn, *args, repeats) -> tuple[float, float]:
+  """(median, mean) seconds of `repeats` calls of fn(*args) (results blocked on), after a warm-up.
 
-  `mean_into` (a list) also receives their mean: a median hides occasional slow calls (the
-  host-memory stalls of sepres_jax/host_memory.py), the mean counts them as training does.
+  A median hides occasional slow calls (the host-memory stalls of sepres_jax/host_memory.py);
+  the mean counts them as training does.
   """
   jax.block_until_ready(fn(*args))
   times = []
@@ -35,16 +35,14 @@ def _timed(fn, *args, repeats, mean_into=None):
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
-  if mean_into is not None:
-    mean_into.append(float(np.mean(times)))
-  return float(np.median(times))
+  return float(np.median(times)), float(np.mean(times))
 
 
 def matmul_flops_per_sec(n: int = 4096, repeats: int = 5) -> float:
   """The hardware's practical float32 limit: an n x n matrix product under jit."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  return 2 * n ** 3 / _timed(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  return 2 * n ** 3 / _timed(jax.jit(jnp.matmul), a, b, repeats=repeats)[0]
 
 
 def _flops(compiled) -> float:
@@ -90,8 +88,7 @@ def benchmark(config) -> int:
     holder['state'], out = compiled(holder['state'], batch)
     return out
 
-  train_mean = []
-  train_time = _timed(step, batch, repeats=repeats, mean_into=train_mean)
+  train_time, train_mean = _timed(step, batch, repeats=repeats)
   train_ips = b / train_time
   profiled_steps = 3
   by_part = (profiling.profile(compiled, lambda: step(batch), profiled_steps)
@@ -108,7 +105,7 @@ def benchmark(config) -> int:
   t = time.perf_counter()
   infer_compiled = infer.lower(variables, images).compile()
   infer_compile = time.perf_counter() - t
-  infer_ips = eb / _timed(infer_compiled, variables, images, repeats=repeats)
+  infer_ips = eb / _timed(infer_compiled, variables, images, repeats=repeats)[0]
   infer_by_part = (profiling.profile(infer_compiled, lambda: infer_compiled(variables, images),
                                      profiled_steps) if config.benchmark.profile else {})
 
@@ -122,7 +119,7 @@ def benchmark(config) -> int:
       'image_size': list(config.data.image_size), 'infer_size': [ih, iw], 'infer_batch': eb,
       'train_images_per_sec': round(train_ips, 2),
       'train_step_sec': round(train_time, 4),
-      'train_step_sec_mean': round(train_mean[0], 4),
+      'train_step_sec_mean': round(train_mean, 4),
       'infer_images_per_sec': round(infer_ips, 2),
       'train_compile_sec': round(train_compile, 2),
       'infer_compile_sec': round(infer_compile, 2),

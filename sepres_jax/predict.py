@@ -200,11 +200,11 @@ def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, l
   """Predicts `paths` (images in batches of one input shape, videos); returns (done, skipped).
 
   An unreadable file is reported on stderr by name and skipped; the others are still predicted.
+  `out_dir` is created with the first output, so a run that reads nothing leaves nothing behind.
   """
   batch_size = max(1, int(config.predict.batch_size))
   colors = folder.class_palette(config.data)[1]
   alpha = float(config.predict.alpha)
-  os.makedirs(out_dir, exist_ok=True)
   skipped, done = [], 0
   pending = []  # (stem, rgb, model input), all of one model input shape.
   t0 = time.time()
@@ -214,6 +214,7 @@ def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, l
     if not pending:
       return
     ids = label_maps(config, forward, [p[1] for p in pending], [p[2] for p in pending])
+    os.makedirs(out_dir, exist_ok=True)
     for (stem, rgb, _), image_ids in zip(pending, ids):
       write_outputs(out_dir, stem, rgb, image_ids, colors, alpha)
     done += len(pending)

@@ -111,8 +111,9 @@ def predict_video(path, out_dir, stem, label_maps, colors, *, alpha=0.5, batch_s
   last = t0
   try:
     while batch := _read(capture, max(1, int(batch_size))):
-      if writer is None:
+      if writer is None:  # The folder, once a frame has decoded.
         h, w = batch[0].shape[:2]
+        os.makedirs(out_dir, exist_ok=True)
         writer, out_path = open_writer(os.path.join(out_dir, f'{stem}_overlay'), fps,
                                        (w - w % 2, h - h % 2))
         if frames_dir:

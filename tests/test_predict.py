@@ -244,6 +244,23 @@ def test_write_outputs_known_label_map(tmp_path):
   np.testing.assert_array_equal(overlay[ids == 11], rgb[ids == 11])  # Void keeps the image.
 
 
+def test_nothing_readable_leaves_no_output_folder(trained, tmp_path, capsys):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\nnot a png at all')
+  (tmp_path / 'in' / 'clip.mp4').write_bytes(b'not a video either')
+  config.predict.input = str(tmp_path / 'in')
+  config.predict.output = str(tmp_path / 'out' / 'nested')
+  assert cli.run('predict', config, workdir) == 1
+  err = capsys.readouterr().err
+  errors = [l for l in err.splitlines() if l.startswith('error:')]
+  assert len(errors) == 3, err
+  assert 'clip.mp4' in errors[0] and 'corrupt.png' in errors[1]
+  assert 'none of the 2 input file(s) could be read' in errors[2]
+  assert not (tmp_path / 'out').exists()
+
+
 def test_no_match_is_one_line(tiny_config, tmp_path, capsys):
   tiny_config.predict.input = str(tmp_path / 'nowhere' / '*.png')
   assert cli.run('predict', tiny_config, str(tmp_path / 'run')) == 1
