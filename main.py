@@ -31,8 +31,10 @@ _NO_WORKDIR_MODES = ('summary', 'benchmark', 'verify')  # Modes that read and wr
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if len(argv) > 1:  # Often a value with a space left unquoted: --config.x=(1, 2).
+    sys.exit(f'error: unexpected argument(s) {" ".join(map(repr, argv[1:]))}: flags are '
+             '--name=value, and a value with spaces needs quotes, e.g. '
+             '"--config.data.image_size=(352, 480)"')
   if FLAGS.workdir is None and FLAGS.mode not in _NO_WORKDIR_MODES:
     sys.exit(f'error: --mode={FLAGS.mode} needs --workdir=DIR')
   try:  # A config file that is missing fails at its first use, not when the flags are parsed.

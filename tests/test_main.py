@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_env
+from conftest import ROOT, one_error_line, run_env
 
 
 def _main(workdir, cache, *args, timeout=600):
@@ -54,6 +54,14 @@ def test_train_resume_evaluate(tmp_path):
   assert 'mean IoU' in ev.stdout and 'Sky' in ev.stdout
   total = sum(r['tp'] + r['fn'] for r in scores['per_class'])
   assert total == sum(map(sum, scores['confusion_matrix']))
+
+
+def test_stray_argument_is_one_line(tmp_path):
+  # `--config.data.image_size=(352, 480)` unquoted: the shell splits it, absl sees '480)'.
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.batch_size=2', '480)', timeout=120)
+  line = one_error_line(out)
+  assert "unexpected argument(s) '480)'" in line and 'quotes' in line
+  assert not (tmp_path / 'run').exists()
 
 
 def test_unknown_config_key_is_one_line(tmp_path):
