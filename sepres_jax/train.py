@@ -80,7 +80,7 @@ def check_writable(path: str) -> None:
 # lowered for the last epochs, say): history.json records each epoch's rate.
 RESUME_FIXED = ('model.', 'data.', 'dtype', 'batch_size', 'seed', 'best_metric', 'eval.input')
 RESUME_FREE = ('model.impl', 'model.large_conv', 'data.manual_dir', 'data.cache_dir',
-               'data.num_workers', 'data.prefetch', 'data.cache_decoded_mb')
+               'data.num_workers', 'data.num_threads', 'data.prefetch', 'data.cache_decoded_mb')
 
 
 def check_resumed_config(config, workdir: str) -> list[str]:
@@ -549,6 +549,9 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       bad = step
     if bad is not None:
       checkpoints.wait(manager)  # The last good checkpoint in flight is completed, not lost.
+      if last_saved is None:
+        raise RunError(f'non-finite loss or gradient at step {bad}, before the first checkpoint: '
+                       f'nothing was saved in {workdir}')
       raise RunError(f'non-finite loss or gradient at step {bad}; nothing after step '
                      f'{last_saved} was saved, the checkpoints in {workdir} are intact')
 

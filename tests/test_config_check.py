@@ -141,8 +141,10 @@ def test_resuming_may_change_the_schedule_paths_logging_and_kernels(tmp_path):
   config.log_every_steps = 7
   config.data.cache_dir = '/elsewhere'
   config.model.impl = 'xla'
+  config.data.num_threads = 1  # The pipeline's threads and workers do not change the data.
   assert train.check_resumed_config(config, workdir) == [
-      "data.cache_dir '~/.cache/sepres_jax' -> '/elsewhere'", 'learning_rate 0.001 -> 0.0001',
+      "data.cache_dir '~/.cache/sepres_jax' -> '/elsewhere'", 'data.num_threads 2 -> 1',
+      'learning_rate 0.001 -> 0.0001',
       'log_every_steps 2 -> 7', "model.impl 'auto' -> 'xla'", 'num_epochs 2 -> 9']
 
 

@@ -184,6 +184,14 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(shared, reference, tmp_path
   assert _digest(workdir / 'checkpoints') == before  # Neither latest nor best was touched.
 
 
+def test_non_finite_loss_before_the_first_checkpoint_says_so(shared, tmp_path):
+  workdir = tmp_path / 'nan0'
+  out = _run(workdir, shared, '--config.learning_rate=1e30', '--config.checkpoint_every_steps=0')
+  err = one_error_line(out)
+  assert 'non-finite' in err and 'before the first checkpoint' in err and 'None' not in err, err
+  assert _steps(workdir) == []
+
+
 def _limit_file_size():
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, like ENOSPC.
   resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
