@@ -134,6 +134,10 @@ def get_config():
   config.benchmark.repeats = 5  # Timed steps after warm-up (the median is reported).
   config.benchmark.infer_size = (384, 480)  # CamVid's 360x480 padded to a multiple of 32.
   config.benchmark.profile = False  # Also print the train and infer steps' time per layer.
+  config.benchmark.matmul_size = 4096  # n of the n x n matrix product timed as the limit.
+  # The accelerator's data-sheet peak in TFLOP/s for the run's dtype (e.g. an H100 SXM's dense
+  # bf16: 989); when set, the JSON also gives the fraction of it. 0: not reported.
+  config.benchmark.peak_tflops = 0.0
 
   # Evaluation.
   config.eval = ml_collections.ConfigDict()

@@ -38,10 +38,10 @@ def _timed(fn, *args, repeats) -> tuple[float, float]:
   return float(np.median(times)), float(np.mean(times))
 
 
-def matmul_flops_per_sec(n: int = 4096, repeats: int = 5) -> float:
-  """The hardware's practical float32 limit: an n x n matrix product under jit."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops_per_sec(n: int = 4096, repeats: int = 5, dtype=jnp.float32) -> float:
+  """The hardware's practical limit for `dtype`: an n x n matrix product under jit."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   return 2 * n ** 3 / _timed(jax.jit(jnp.matmul), a, b, repeats=repeats)[0]
 
 
@@ -110,7 +110,8 @@ def benchmark(config) -> int:
                                      profiled_steps) if config.benchmark.profile else {})
 
   # --- The hardware's limit, in the same process ------------------------------------------
-  peak = matmul_flops_per_sec()
+  n = int(config.benchmark.matmul_size)
+  peak = matmul_flops_per_sec(n)
   achieved = flops_per_image * train_ips
   result = {
       'backend': jax.default_backend(), 'devices': jax.device_count(),
@@ -128,8 +129,16 @@ def benchmark(config) -> int:
       'matmul_gflops_per_sec': round(peak / 1e9, 1),
       'flops_fraction_of_matmul': round(achieved / peak, 4),
       'peak_rss_mb': round(_peak_rss_mb(), 1),
+      'matmul_size': n,
       'host_huge_pages': host_memory.active(), 'host_keep_memory': host_memory.keeping(),
   }
+  if config.dtype == 'bfloat16':  # Accelerators' limit for bfloat16 activations: a bf16 product.
+    peak_bf16 = matmul_flops_per_sec(n, dtype=jnp.bfloat16)
+    result['bf16_matmul_gflops_per_sec'] = round(peak_bf16 / 1e9, 1)
+    result['flops_fraction_of_bf16_matmul'] = round(achieved / peak_bf16, 4)
+  if config.benchmark.peak_tflops:  # The data sheet's figure, where the user gives it.
+    result['flops_fraction_of_peak'] = round(achieved / (config.benchmark.peak_tflops * 1e12), 4)
+  result['peak_rss_mb'] = round(_peak_rss_mb(), 1)  # After the products, too.
   for what, table in (('train', by_part), ('infer', infer_by_part)):
     if table:
       result[f'{what}_seconds_by_part'] = {

@@ -26,6 +26,13 @@ def check(mode: str, config) -> None:
   _size(config, 'data.image_size')
   if mode == 'benchmark':
     _size(config, 'benchmark.infer_size')
+    for key in ('benchmark.repeats', 'benchmark.matmul_size'):
+      _positive_int(config, key)
+    peak = _get(config, 'benchmark.peak_tflops')
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
+                             or not peak >= 0):
+      raise ConfigError(f'config.benchmark.peak_tflops must be a number >= 0 (0: not reported), '
+                        f'got {peak!r}')
   dtype = _get(config, 'dtype')
   if dtype is not None and str(dtype) not in DTYPES:
     raise ConfigError(f'config.dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')

@@ -64,6 +64,25 @@ def test_timed_gives_the_median_and_the_mean_that_counts_slow_calls(monkeypatch)
   assert benchmark._timed(lambda: 0, repeats=3) == (1.0, 5.0 / 3)
 
 
+def test_matmul_limit_in_each_dtype():
+  from sepres_jax import benchmark  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert benchmark.matmul_flops_per_sec(256, repeats=2, dtype=dtype) > 1e8
+
+
+@pytest.mark.slow
+def test_bfloat16_benchmark_reports_the_bf16_limit_and_a_given_peak(tmp_path):
+  _, result = _benchmark(tmp_path, '--config.dtype=bfloat16', '--config.benchmark.matmul_size=512',
+                         '--config.benchmark.peak_tflops=0.5')
+  assert result['dtype'] == 'bfloat16' and result['matmul_size'] == 512
+  assert result['bf16_matmul_gflops_per_sec'] > 0
+  assert result['flops_fraction_of_bf16_matmul'] == pytest.approx(
+      result['achieved_gflops_per_sec'] / result['bf16_matmul_gflops_per_sec'], rel=0.01)
+  assert result['flops_fraction_of_peak'] == pytest.approx(
+      result['achieved_gflops_per_sec'] / 500, rel=0.01)
+
+
 def test_benchmark_mode_prints_json_and_profile(tmp_path):
   xla_cache = tmp_path / 'xla'
   out, result = _benchmark(tmp_path, '--config.benchmark.profile=True',

@@ -75,6 +75,13 @@ def test_epochs_and_benchmark_size_are_checked_where_they_are_used():
     config_check.check('train', config)
   with pytest.raises(config_check.ConfigError, match='config.benchmark.infer_size'):
     config_check.check('benchmark', config)
+  config.benchmark.infer_size, config.num_epochs = (64, 96), 2
+  for key, value in (('matmul_size', 0), ('repeats', -1), ('peak_tflops', -5.0)):
+    bad = config.copy_and_resolve_references()
+    bad.benchmark[key] = value
+    config_check.check('train', bad)
+    with pytest.raises(config_check.ConfigError, match=f'config.benchmark.{key}'):
+      config_check.check('benchmark', bad)
 
 
 def _main(tmp_path, *args):
