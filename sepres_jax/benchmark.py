@@ -137,7 +137,8 @@ def benchmark(config) -> int:
     result['bf16_matmul_gflops_per_sec'] = round(peak_bf16 / 1e9, 1)
     result['flops_fraction_of_bf16_matmul'] = round(achieved / peak_bf16, 4)
   if config.benchmark.peak_tflops:  # The data sheet's figure, where the user gives it.
-    result['flops_fraction_of_peak'] = round(achieved / (config.benchmark.peak_tflops * 1e12), 4)
+    result['flops_fraction_of_peak'] = float(
+        f'{achieved / (config.benchmark.peak_tflops * 1e12):.4g}')  # 4 digits, tiny too.
   result['peak_rss_mb'] = round(_peak_rss_mb(), 1)  # After the products, too.
   for what, table in (('train', by_part), ('infer', infer_by_part)):
     if table:
