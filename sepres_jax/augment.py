@@ -47,12 +47,12 @@ def scale_and_crop(rgb, label, rng, size, scale_range, crop: bool, soft=None):
   h, w = size
   if not crop:
     return (cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR),
-            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32),
+            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(np.int32),
             None if soft is None else distill.resize_soft(soft, size))
   s = rng.uniform(*scale_range) * h / rgb.shape[0]
   nh, nw = max(1, round(rgb.shape[0] * s)), max(1, round(rgb.shape[1] * s))
   rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR)
-  label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+  label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT).astype(np.int32)
   if soft is not None:
     soft = distill.resize_soft(soft, (nh, nw))
   ph, pw = max(h - nh, 0), max(w - nw, 0)

@@ -296,7 +296,7 @@ def preprocess_label(label_uint8, size=None):
   if label.ndim == 3:
     label = label[..., 0]
   if size is not None and tuple(label.shape) != tuple(size):
-    label = cv2.resize(label, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+    label = cv2.resize(label, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST_EXACT)
   return label.astype(np.int32)
 
 

@@ -1,5 +1,6 @@
 """Training augmentation: shapes, label alignment, determinism, padding that never counts."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -48,6 +49,27 @@ def test_scale_and_crop_keeps_image_and_label_aligned(scale):
     if scale[1] < 1.0:  # The scaled image is smaller than the crop: padding is IGNORE.
       assert (out_label == augment.IGNORE).any()
       assert (out_rgb[out_label == augment.IGNORE] == 0).all()
+
+
+@pytest.mark.parametrize('crop', [False, True])
+def test_resized_labels_sit_on_the_image_pixels_they_label(crop):
+  # Each column's red value is its index, and so is its label: after any resize the label must
+  # name the source column nearest the pixel's centre, where bilinear samples the image. OpenCV's
+  # INTER_NEAREST takes floor(x / scale) instead, about half a source pixel up-left (0.67 at
+  # 480 -> 288 columns), which cost thin classes their edges.
+  cols = np.tile(np.arange(240, dtype=np.uint8), (90, 1))
+  rgb = np.repeat(cols[..., None], 3, axis=-1)
+  config = _config(crop=crop, scale=(0.6, 1.7))
+  config.image_size = (64, 96)
+  for seed in range(6):
+    out_rgb, out_label, _ = augment.augment(rgb, cols, np.random.default_rng(seed), config,
+                                            False)
+    inside = (out_label >= 2) & (out_label <= 237)  # Not padding, not the clamped borders.
+    lag = (out_rgb[..., 0].astype(float) - out_label)[inside]
+    assert abs(lag.mean()) < 0.15 and np.abs(lag).max() <= 1.0, (seed, lag.mean())
+  resized = input_pipeline.preprocess_label(cols, (30, 144))
+  image = cv2.resize(cols.astype(np.float32), (144, 30), interpolation=cv2.INTER_LINEAR)
+  assert abs((image - resized)[:, 2:-2].mean()) < 0.15
 
 
 def test_flip_and_determinism():

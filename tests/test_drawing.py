@@ -91,7 +91,7 @@ def test_prediction_strip(scene):
 def test_image_pictures(scene, tmp_path):
     image, label, pred = scene
     small_img = cv2.resize(image, (60, 40), interpolation=cv2.INTER_LINEAR)
-    small_lab = cv2.resize(label.astype(np.int32), (60, 40), interpolation=cv2.INTER_NEAREST)
+    small_lab = cv2.resize(label.astype(np.int32), (60, 40), interpolation=cv2.INTER_NEAREST_EXACT)
     paths = [
         vis.save_class_masks(image, label, NAMES, tmp_path / 'a' / 'masks.png'),
         vis.save_label_panel(image, label, COLORS, NAMES, tmp_path / 'panel.png'),
