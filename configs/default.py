@@ -152,6 +152,9 @@ def get_config():
   # same network whose class probabilities are averaged with these weights' (evaluate, predict).
   config.eval.ensemble = ''
   config.eval.ignore_void = True  # Score the real classes only (void learned as a class too).
+  # With void learned as a class, validation in training also scores it (as Keras' accuracy did;
+  # configs/seed.py); otherwise validation scores what eval.ignore_void makes evaluate score.
+  config.eval.val_counts_void = False
   config.eval.num_panels = 6  # Image / prediction / truth panels drawn by --mode=evaluate (0: none).
   config.eval.worst_first = True  # Panels of the lowest-mIoU images first (else the split's first).
 

@@ -19,6 +19,7 @@ def get_config():
   config.data.image_size = (224, 224)
   config.data.eval_resize = True  # Validation as Keras saw it: the resized 224x224 copies.
   config.data.ignore_void = False  # 12 classes: void is the 12th.
+  config.eval.val_counts_void = True  # Val accuracy and mIoU over the 12, as Keras counted them.
   config.learning_rate = 1e-3
   config.plateau.monitor = 'val_accuracy'
   config.plateau.factor = 0.01

@@ -28,14 +28,12 @@ def check(mode: str, config) -> None:
     _size(config, 'benchmark.infer_size')
     for key in ('benchmark.repeats', 'benchmark.matmul_size'):
       _positive_int(config, key)
-    peak = _get(config, 'benchmark.peak_tflops')
-    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
-                             or not peak >= 0):
-      raise ConfigError(f'config.benchmark.peak_tflops must be a number >= 0 (0: not reported), '
-                        f'got {peak!r}')
+    _number(config, 'benchmark.peak_tflops', lambda v: v >= 0, 'a number >= 0 (0: not reported)')
   dtype = _get(config, 'dtype')
   if dtype is not None and str(dtype) not in DTYPES:
     raise ConfigError(f'config.dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
+  if mode == 'train':
+    _plateau(config)
   for key in ('best_metric', 'plateau.monitor', 'early_stopping.monitor'):
     value = _get(config, key)
     if value is not None and value not in HISTORY_METRICS:
@@ -65,6 +63,23 @@ def _positive_int(config, key: str, zero_ok: bool = False) -> None:
   if not _is_int(value) or value < (0 if zero_ok else 1):
     what = 'a non-negative' if zero_ok else 'a positive'
     raise ConfigError(f'config.{key} must be {what} integer, got {value!r}')
+
+
+def _number(config, key: str, ok, what: str) -> None:
+  value = _get(config, key)
+  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not ok(value)):
+    raise ConfigError(f'config.{key} must be {what}, got {value!r}')
+
+
+def _plateau(config) -> None:
+  """The plateau rule's fields, which optax checks only when the run builds its rules."""
+  _number(config, 'plateau.factor', lambda v: 0 < v < 1,
+          'a number in (0, 1) (to turn the rule off, a plateau.patience longer than the run)')
+  _number(config, 'plateau.min_delta', lambda v: v >= 0, 'a number >= 0')
+  _number(config, 'plateau.min_scale', lambda v: v >= 0, 'a number >= 0')
+  for key in ('plateau.patience', 'plateau.cooldown', 'early_stopping.patience'):
+    _positive_int(config, key, zero_ok=True)
 
 
 def _size(config, key: str) -> None:

@@ -214,6 +214,7 @@ def evaluate(config, workdir: str) -> dict:
   ensemble = members(config, state)
   if len(ensemble) > 1:
     origin += f' + {len(ensemble) - 1} ensemble member(s): {", ".join(ensemble_paths(config))}'
+  scored = train.scored_classes(config)
   passes = eval_pass(state, mesh, batches, weights, config.eval.flip,
                      config.eval.scales, ensemble[1:])
   for batch, sums, per_example in passes:
@@ -221,9 +222,9 @@ def evaluate(config, workdir: str) -> dict:
     weight += float(sums['weight'])
     cm = sums['confusion'].astype(np.int64) if cm is None else cm + sums['confusion']
     for k in np.flatnonzero(batch['valid']):  # This process's examples; -1 labels never count.
-      image_miou = metrics.scores_from_confusion(per_example['confusion'][k])['miou']
+      image_miou = metrics.scores_from_confusion(per_example['confusion'][k],
+                                                 num_scored=scored)['miou']
       picker.offer(image_miou, int(batch['index'][k]), per_example['pred'][k])
-  scored = config.data.num_classes if config.eval.ignore_void else train.num_outputs(config)
   names = list(info.class_names)[:scored]
   scores = metrics.scores_from_confusion(cm, names, scored)
   scores['loss'] = loss_sum / max(weight, 1.0)

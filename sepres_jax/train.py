@@ -78,7 +78,8 @@ def check_writable(path: str) -> None:
 # (best_metric; eval.input, what validation scores). The data's paths and pipeline settings and
 # the kernel forms (same numbers) are free; so are the optimiser's and the rules' fields (a rate
 # lowered for the last epochs, say): history.json records each epoch's rate.
-RESUME_FIXED = ('model.', 'data.', 'dtype', 'batch_size', 'seed', 'best_metric', 'eval.input')
+RESUME_FIXED = ('model.', 'data.', 'dtype', 'batch_size', 'seed', 'best_metric', 'eval.input',
+                'eval.ignore_void', 'eval.val_counts_void')
 RESUME_FREE = ('model.impl', 'model.large_conv', 'data.manual_dir', 'data.cache_dir',
                'data.num_workers', 'data.num_threads', 'data.prefetch', 'data.cache_decoded_mb')
 
@@ -118,6 +119,16 @@ def check_resumed_config(config, workdir: str) -> list[str]:
 def num_outputs(config) -> int:
   """Logits per pixel: the real classes, plus void when it is learned as a class."""
   return config.data.num_classes + (0 if config.data.ignore_void else 1)
+
+
+def scored_classes(config, validation: bool = False) -> int:
+  """How many of the outputs the scores count: the real classes (void ignored, the CamVid
+  protocol), or void too where it is learned as a class (data.ignore_void=False) and either
+  eval.ignore_void is off or, for validation during training, eval.val_counts_void is on
+  (configs/seed.py: Keras' accuracy counted void). Validation and --mode=evaluate agree otherwise,
+  so the best checkpoint is chosen by the measure that is reported."""
+  counts_void = not config.eval.ignore_void or (validation and config.eval.val_counts_void)
+  return num_outputs(config) if counts_void else config.data.num_classes
 
 
 def class_weights(config, train_source=None) -> Optional[np.ndarray]:
@@ -366,15 +377,16 @@ class Stepper:
     return out
 
 
-def evaluate_split(stepper: Stepper, state, batches) -> dict:
-  """Loss and confusion matrix summed over a whole split, then the scores."""
+def evaluate_split(stepper: Stepper, state, batches, num_scored: Optional[int] = None) -> dict:
+  """Loss and confusion matrix summed over a whole split, then the scores of its first
+  `num_scored` classes (all when None; `scored_classes`)."""
   loss_sum, weight, cm = 0.0, 0.0, None
   for batch in batches:
     out = stepper.fetch(stepper.eval(state, stepper.batch(batch)))
     loss_sum += float(out['loss_sum'])
     weight += float(out['weight'])
     cm = out['confusion'].astype(np.int64) if cm is None else cm + out['confusion']
-  scores = metrics.scores_from_confusion(cm)
+  scores = metrics.scores_from_confusion(cm, num_scored=num_scored)
   scores['loss'] = loss_sum / max(weight, 1.0)
   scores['confusion'] = cm
   return scores
@@ -395,7 +407,9 @@ class EpochRules:
     p = config.plateau
     self.plateau = optax.contrib.reduce_on_plateau(
         factor=p.factor, patience=p.patience, cooldown=p.cooldown, min_scale=p.min_scale,
-        rtol=0.0, atol=p.min_delta)  # Keras' rule: an improvement beats the best by min_delta.
+        # Keras' rule: an improvement beats the best by min_delta (optax wants a tolerance > 0,
+        # so min_delta=0, any improvement, is the smallest one that still counts).
+        rtol=0.0, atol=max(float(p.min_delta), 1e-12))
     self.plateau_state = self.plateau.init({})
     # Compiled once: run eagerly, its lax.cond was traced and compiled every epoch (0.07-0.1 s).
     self._plateau_update = jax.jit(self.plateau.update)
@@ -638,7 +652,8 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     # --- Validation, rules, checkpoint, logs --------------------------------------------------
     check_finite(step_state.params)
     state = stepper.from_step_state(step_state)
-    val = evaluate_split(stepper, eval_weights(step_state), val_batches())
+    val = evaluate_split(stepper, eval_weights(step_state), val_batches(),
+                         scored_classes(config, validation=True))
     epoch += 1
     now = time.time()
     record = {

@@ -66,6 +66,30 @@ def test_bad_value_names_its_key(key, value, words):
   assert words in str(e.value)
 
 
+@pytest.mark.parametrize('key, value', [
+    ('factor', 1.0), ('factor', 0.0), ('min_delta', -1e-3), ('min_scale', -1.0),
+    ('patience', -1), ('cooldown', -2)])
+def test_plateau_fields_are_checked_for_training(key, value):
+  config = _config()
+  config.plateau[key] = value
+  config_check.check('evaluate', config)  # Not read there.
+  with pytest.raises(config_check.ConfigError, match=f'config.plateau.{key} must be'):
+    config_check.check('train', config)
+
+
+def test_plateau_min_delta_zero_counts_any_improvement():
+  config = _config()
+  config.plateau.min_delta, config.plateau.patience, config.plateau.factor = 0.0, 1, 0.5
+  config.plateau.monitor = 'val_loss'
+  rules = train.EpochRules(config)  # optax refused a zero tolerance before.
+  scales = []
+  for loss in (1.0, 0.9999999, 0.9999999, 0.9999999):
+    rules.update({'val_loss': loss, 'val_miou': 0.5})
+    scales.append(float(rules.scale))
+  # The second epoch's 1e-7 counts (with min_delta 1e-4 it would not); the third's 0 does not.
+  assert scales == [1.0, 1.0, 0.5, 0.25], scales
+
+
 def test_epochs_and_benchmark_size_are_checked_where_they_are_used():
   config = _config()
   config.num_epochs = 0

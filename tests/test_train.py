@@ -81,6 +81,25 @@ def test_eval_step_confusion_covers_counted_pixels(tiny_config):
   assert 0.0 <= scores['miou'] <= 1.0 and np.isfinite(scores['loss'])
 
 
+def test_validation_scores_the_classes_evaluate_reports(tiny_config):
+  assert train.scored_classes(tiny_config, validation=True) == 11  # Void ignored: 11 outputs.
+  tiny_config.data.ignore_void = False  # Void learned as a 12th class ...
+  assert train.num_outputs(tiny_config) == 12
+  for validation in (False, True):  # ... but scored by neither, as the protocol reports.
+    assert train.scored_classes(tiny_config, validation) == 11
+  tiny_config.eval.val_counts_void = True  # configs/seed.py: validation as Keras counted it.
+  assert (train.scored_classes(tiny_config), train.scored_classes(tiny_config, True)) == (11, 12)
+  tiny_config.eval.val_counts_void, tiny_config.eval.ignore_void = False, False
+  assert train.scored_classes(tiny_config, True) == train.scored_classes(tiny_config) == 12
+  # A confusion matrix right on every real class, with void pixels called class 3.
+  cm = np.diag([50] * 11 + [0])
+  cm[11, 3] = 30
+  cm = cm.astype(np.int64)
+  evaluate_like = metrics.scores_from_confusion(cm, num_scored=11)
+  assert evaluate_like['miou'] == 1.0 and evaluate_like['pixel_accuracy'] == 1.0
+  assert metrics.scores_from_confusion(cm, num_scored=12)['miou'] < 1.0
+
+
 def test_learning_rate_is_injected_without_retrace(tiny_config):
   state, stepper = _setup(tiny_config)
   batch = stepper.batch(_batch(tiny_config, 4))
