@@ -2,8 +2,8 @@
 # Issue #4's GPU figures in one command on a lent accelerator machine (benchmarks/README.md).
 #
 #   bash benchmarks/gpu_check.sh wheels   # here, with network: the packages such a machine lacks,
-#                                          # as Python 3.12 wheels in .whl/ (add /.whl/ to
-#                                          # .git/info/exclude so that it travels only as carried)
+#                                          # as Python 3.12 wheels in .whl/ (in .gitignore, so it
+#                                          # travels to the device only when carried)
 #   bash benchmarks/gpu_check.sh run      # there (carry .whl): installs them into /tmp/site, then
 #                                          # writes gpu_check.log and benchmarks.jsonl into $OUT
 #
