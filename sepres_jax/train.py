@@ -565,7 +565,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       checkpoints.wait(manager)  # The last good checkpoint in flight is completed, not lost.
       if last_saved is None:
         raise RunError(f'non-finite loss or gradient at step {bad}, before the first checkpoint: '
-                       f'nothing was saved in {workdir}')
+                       f'no checkpoint was saved in {workdir}')
       raise RunError(f'non-finite loss or gradient at step {bad}; nothing after step '
                      f'{last_saved} was saved, the checkpoints in {workdir} are intact')
 
