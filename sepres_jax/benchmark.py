@@ -112,6 +112,8 @@ def benchmark(config) -> int:
   # --- The hardware's limit, in the same process ------------------------------------------
   n = int(config.benchmark.matmul_size)
   peak = matmul_flops_per_sec(n)
+  # Accelerators' limit for bfloat16 activations: a bf16 product.
+  peak_bf16 = matmul_flops_per_sec(n, dtype=jnp.bfloat16) if config.dtype == 'bfloat16' else None
   achieved = flops_per_image * train_ips
   result = {
       'backend': jax.default_backend(), 'devices': jax.device_count(),
@@ -132,14 +134,12 @@ def benchmark(config) -> int:
       'matmul_size': n,
       'host_huge_pages': host_memory.active(), 'host_keep_memory': host_memory.keeping(),
   }
-  if config.dtype == 'bfloat16':  # Accelerators' limit for bfloat16 activations: a bf16 product.
-    peak_bf16 = matmul_flops_per_sec(n, dtype=jnp.bfloat16)
+  if peak_bf16:
     result['bf16_matmul_gflops_per_sec'] = round(peak_bf16 / 1e9, 1)
     result['flops_fraction_of_bf16_matmul'] = round(achieved / peak_bf16, 4)
   if config.benchmark.peak_tflops:  # The data sheet's figure, where the user gives it.
     result['flops_fraction_of_peak'] = float(
         f'{achieved / (config.benchmark.peak_tflops * 1e12):.4g}')  # 4 digits, tiny too.
-  result['peak_rss_mb'] = round(_peak_rss_mb(), 1)  # After the products, too.
   for what, table in (('train', by_part), ('infer', infer_by_part)):
     if table:
       result[f'{what}_seconds_by_part'] = {
