@@ -12,6 +12,8 @@ The weights come from where `--mode=predict` takes them (the workdir's best chec
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -127,11 +129,19 @@ def write(config, model, variables, origin: str, out_dir: str) -> dict:
   if jax.process_index() == 0:
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, exported.MODEL_FILE), 'wb') as f:
-      f.write(artifact.serialize())
-    np.savez(os.path.join(out_dir, exported.WEIGHTS_FILE), **dict(zip(names, leaves)))
-    with open(os.path.join(out_dir, exported.META_FILE), 'w') as f:
-      json.dump(meta, f, indent=1)
+    # Written into a temporary folder first, then renamed into place: a failure while writing
+    # (a full disk, a kill) leaves an earlier export in `out_dir` whole, not half replaced.
+    tmp = tempfile.mkdtemp(prefix='.export-', dir=out_dir)
+    try:
+      with open(os.path.join(tmp, exported.MODEL_FILE), 'wb') as f:
+        f.write(artifact.serialize())
+      np.savez(os.path.join(tmp, exported.WEIGHTS_FILE), **dict(zip(names, leaves)))
+      with open(os.path.join(tmp, exported.META_FILE), 'w') as f:
+        json.dump(meta, f, indent=1)
+      for name in (exported.MODEL_FILE, exported.WEIGHTS_FILE, exported.META_FILE):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   return meta
 
 

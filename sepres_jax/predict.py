@@ -3,10 +3,13 @@
 Images of any size are either padded (bottom/right, with the value 0 that padding has in
 evaluation) to a multiple of 32 and the prediction cropped back ('native'), or resized to
 `data.image_size` with the logits resized back bilinearly to the input's size ('resize'), exactly
-as `--mode=evaluate` scores them, so a prediction here equals the evaluation path's argmax.
+as `--mode=evaluate` scores them, so a prediction here equals the evaluation path's argmax (up to
+float rounding: on CPU, `model.large_conv='auto'` computes conv6 another way at a batch of 8 or
+more, so a pixel whose two best classes tie to rounding can differ with the batch size).
 Grey, RGB, RGBA (alpha dropped), palette and 16-bit PNGs, JPEGs (EXIF orientation applied) and
 anything else PIL reads are accepted. Per input `<stem>`, the output folder gets `<stem>.png`
-(class ids, uint8, the input's height and width), `<stem>_color.png` and `<stem>_overlay.png`.
+(class ids, uint8, the input's height and width), `<stem>_color.png` and `<stem>_overlay.png`
+(`output_stems` numbers an input whose names another input's outputs take).
 Videos (by suffix, or files PIL cannot read that OpenCV decodes) are predicted frame by frame into
 `<stem>_overlay.mp4` and, with `predict.save_frames`, `<stem>_frames/` (see sepres_jax/video.py).
 """
@@ -21,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image as PILImage
-from PIL import ImageOps
 
 from sepres_jax import drawing
+from sepres_jax import exported
 from sepres_jax import input_pipeline
 from sepres_jax import models
 from sepres_jax import train
@@ -90,9 +93,12 @@ def pad_to_multiple(image, multiple: int = input_pipeline.PAD_MULTIPLE) -> np.nd
 
 
 def input_mode(config) -> str:
-  mode = config.predict.resize or config.eval.input
+  key, mode = (('predict.resize', config.predict.resize) if config.predict.resize
+               else ('eval.input', config.eval.input))
   if mode not in ('resize', 'native'):
-    raise train.RunError(f"config.predict.resize must be 'resize', 'native' or '', got {mode!r}")
+    allowed = "'resize', 'native' or '' (eval.input's)" if key == 'predict.resize' else (
+        "'resize' or 'native'")
+    raise train.RunError(f'config.{key} must be {allowed}, got {mode!r}')
   return mode
 
 
@@ -123,28 +129,47 @@ def find_inputs(pattern: str) -> list[str]:
 
 def read_rgb(path: str) -> np.ndarray:
   """Any image PIL reads -> uint8 RGB [H, W, 3] as displayed (EXIF orientation applied)."""
-  with PILImage.open(path) as img:
-    img.load()
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit / float grey: scale to 8 bits.
-      arr = np.asarray(img, np.float64)
-      top = arr.max() if arr.max() > 255 else 255.0
-      img = PILImage.fromarray(np.clip(arr * (255.0 / max(top, 1.0)), 0, 255).astype(np.uint8))
-    rgb = np.asarray(img.convert('RGB'), np.uint8)
-  if rgb.size == 0:
-    raise ValueError('empty image')
-  return rgb
+  return exported.read_image(path)  # One reader, so exported models see the same pixels.
+
+
+# The names one input writes beside <stem>: .png (ids), _color.png, _overlay.png or .mp4/.avi
+# (video), _frames/ (video frames).
+OUTPUT_SUFFIXES = ('', '_color', '_overlay', '_frames')
 
 
 def output_stems(paths) -> list[str]:
-  """Output names: the file stems, numbered where two inputs share one."""
-  stems, seen = [], {}
-  for p in paths:
-    stem = os.path.splitext(os.path.basename(p))[0]
-    n = seen.get(stem, 0)
-    seen[stem] = n + 1
-    stems.append(stem if n == 0 else f'{stem}_{n + 1}')
-  return stems
+  """Output names: the file stems, numbered (<stem>_2, ...) where one would write another's files.
+
+  Two inputs share a stem (a.jpg, a.png), or one's stem is another's output name (x.png writes
+  x_color.png, which is also x_color.png's own id map): the later one is numbered, with a number
+  no other input's name already takes (compared without case, as some file systems do).
+  """
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  taken = set()
+  out = []
+  for stem in stems:
+    name, n = stem, 1
+    while any((name + s).casefold() in taken for s in OUTPUT_SUFFIXES):
+      n += 1
+      name = f'{stem}_{n}'
+    taken.update((name + s).casefold() for s in OUTPUT_SUFFIXES)
+    out.append(name)
+  return out
+
+
+def check_inputs_kept(paths, stems, out_dir) -> None:
+  """Refuses an output folder where an output file would replace one of the inputs."""
+  outputs = {}
+  for path, stem in zip(paths, stems):
+    names = [f'{stem}.png', f'{stem}_color.png', f'{stem}_overlay.png']
+    names += [f'{stem}_overlay{suffix}' for _, suffix in video.CODECS]
+    for name in names:
+      outputs[os.path.realpath(os.path.join(out_dir, name))] = path
+  for path in paths:
+    if os.path.realpath(path) in outputs:
+      raise train.RunError(
+          f'{path}: predicting into {out_dir} would overwrite this input with the output of '
+          f'{outputs[os.path.realpath(path)]}; set --config.predict.output to another folder')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +182,7 @@ def predict(config, workdir: str) -> int:
   paths = find_inputs(config.predict.input)
   out_dir = os.path.abspath(os.path.expanduser(
       config.predict.output or os.path.join(workdir, 'predictions')))
+  check_inputs_kept(paths, output_stems(paths), out_dir)
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   _, state, _, origin = evaluate.trained_state(config, workdir)
   train.check_writable(out_dir)  # Before the work, not after it.

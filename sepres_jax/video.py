@@ -138,6 +138,10 @@ def predict_video(path, out_dir, stem, label_maps, colors, *, alpha=0.5, batch_s
       writer.release()
   if not done:
     raise VideoError('not one frame could be decoded')
+  if frames_dir:  # Frames of a longer video predicted earlier under the same stem go.
+    for name in os.listdir(frames_dir):
+      if len(name) == 10 and name.endswith('.png') and name[:6].isdigit() and int(name[:6]) >= done:
+        os.remove(os.path.join(frames_dir, name))
   short = f' (its header says {total})' if done < total else ''
   print(f'{path}: {done} frames{short} at {fps:g} fps, {done / max(time.time() - t0, 1e-9):.1f} '
         f'frames/s -> {out_path}' + (f', {frames_dir}{os.sep}' if frames_dir else ''), flush=True)

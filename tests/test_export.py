@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -190,3 +191,20 @@ def test_resize_linear_equals_opencv(src, dst):
   rgb = np.random.default_rng(sum(src)).integers(0, 256, (*src, 3), np.uint8)
   ours = exported.resize_linear(rgb, dst)
   np.testing.assert_array_equal(ours, cv2.resize(rgb, dst[::-1], interpolation=cv2.INTER_LINEAR))
+
+
+def test_failed_export_leaves_the_earlier_one_whole(exports, monkeypatch):
+  """A failure while writing (here the weights) replaces none of the earlier export's files."""
+  folder = exports['exports']['resize']
+  before = {n: (Path(folder) / n).read_bytes() for n in os.listdir(folder)}
+  config = exports['config'].copy_and_resolve_references()
+  config.predict.resize = 'resize'
+  model = models.create_model(config, train.num_outputs(config))
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(np, 'savez', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    export.write(config, model, _weights_tree(folder), 'other weights', folder)
+  assert {n: (Path(folder) / n).read_bytes() for n in os.listdir(folder)} == before

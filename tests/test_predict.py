@@ -180,6 +180,10 @@ def test_predict_video(trained, tmp_path, capsys):
   config.predict.output = str(tmp_path / 'out')
   config.predict.batch_size = 3  # 7 frames: batches of 3, 3 and 1.
   config.predict.save_frames = True
+  stale = tmp_path / 'out' / 'clip_frames'  # A longer clip predicted here before, and a user file.
+  stale.mkdir(parents=True)
+  for name in ('000007.png', '000012.png', 'keep.txt'):
+    (stale / name).write_bytes(b'old')
   status = cli.run('predict', config, workdir)
   out, err = capsys.readouterr()
   assert status == predict.SKIPPED_STATUS != 0
@@ -189,7 +193,8 @@ def test_predict_video(trained, tmp_path, capsys):
   overlay_path = out_dir / 'clip_overlay.mp4'
   images = {f'frame{i}{suffix}.png' for i in range(7) for suffix in ('', '_color', '_overlay')}
   assert set(os.listdir(out_dir)) == images | {'clip_overlay.mp4', 'clip_frames'}
-  assert sorted(os.listdir(out_dir / 'clip_frames')) == [f'{i:06d}.png' for i in range(7)]
+  assert sorted(os.listdir(out_dir / 'clip_frames')) == [f'{i:06d}.png' for i in range(7)] + [
+      'keep.txt']
   assert any('7 frames' in l and str(overlay_path) in l for l in out.splitlines()), out
 
   overlays, overlay_fps, overlay_size = _decode(overlay_path)
@@ -283,3 +288,43 @@ def test_summary_seed_total(capsys):
   for layer in ('stem', 'block4', 'conv6', 'up_final'):
     assert layer in out
   assert '(1, 224, 224, 12)' in out
+
+
+def test_output_names_never_write_over_each_other():
+  paths = ['d/a.jpg', 'e/a.png', 'd/a_2.png', 'd/x.png', 'd/x_color.png', 'd/X.PNG', 'd/clip.mp4',
+           'd/clip_frames.png']
+  stems = predict.output_stems(paths)
+  assert stems == ['a', 'a_2', 'a_2_2', 'x', 'x_color_2', 'X_2', 'clip', 'clip_frames_2'], stems
+  written = [(s + suffix).casefold() for s in stems for suffix in predict.OUTPUT_SUFFIXES]
+  assert len(written) == len(set(written))
+
+
+def test_output_folder_that_would_overwrite_an_input_is_refused(trained, tmp_path, capsys):
+  config, workdir = trained
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(photos / 'a.jpg')
+  Image.fromarray(np.full((40, 40, 3), 9, np.uint8)).save(photos / 'b.png')
+  before = {p.name: p.read_bytes() for p in photos.iterdir()}
+  config = config.copy_and_resolve_references()
+  config.predict.input, config.predict.output = str(photos), str(photos)
+  assert cli.run('predict', config, workdir) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f'{photos / "b.png"}: predicting into' in err[0], err
+  assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+  config.predict.input = str(photos / 'a.jpg')  # Its outputs (a.png, ...) replace no input.
+  assert cli.run('predict', config, workdir) == 0
+  assert {'a.png', 'a_color.png', 'a_overlay.png'} <= set(os.listdir(photos))
+
+
+@pytest.mark.parametrize('dtype', [np.uint16, np.float32])
+def test_exported_loader_reads_deep_images_as_predict_does(tmp_path, dtype):
+  """16-bit and float images are scaled by their maximum, not clipped at 255, by both readers."""
+  values = np.array([[0, 1000], [30000, 65535]], np.float64)
+  path = str(tmp_path / 'deep.tif')
+  Image.fromarray(values.astype(dtype)).save(path)
+  from sepres_jax import exported  # pylint: disable=g-import-not-at-top
+  rgb = exported.read_image(path)
+  assert rgb.shape == (2, 2, 3)
+  np.testing.assert_array_equal(rgb[..., 0], (values * (255 / 65535)).astype(np.uint8))
+  np.testing.assert_array_equal(predict.read_rgb(path), rgb)
