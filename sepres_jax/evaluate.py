@@ -1,7 +1,8 @@
 """Evaluation of a trained network on a split, and loading trained weights from anywhere.
 
-Scores come from one confusion matrix summed over the whole split, at the images' native
-resolution (padded to a multiple of 32, the padding never counted) unless `data.eval_resize`.
+Scores come from one confusion matrix summed over the whole split, always against the labels at
+the images' native resolution: `eval.input=resize` resizes the images to data.image_size and the
+logits back, `eval.input=native` pads each image to a multiple of 32 (the padding never counted).
 Pictures go into eval/<split>/: iou.png, confusion_matrix.png, and panels.png (image /
 prediction / truth) of `eval.num_panels` images, the lowest per-image mIoU first with
 `eval.worst_first` (from per-image confusion matrices of the same pass).
@@ -241,7 +242,8 @@ def evaluate(config, workdir: str) -> dict:
     out_dir = os.path.join(os.path.abspath(workdir), 'eval')
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f'{split}.json'), 'w') as f:
-      json.dump(scores, f, indent=1, default=_json_default)
+      # Strict JSON: a class absent from both labels and predictions has IoU null, not NaN.
+      json.dump(_nan_to_none(scores), f, indent=1, default=_json_default, allow_nan=False)
     logging.info('Wrote %s', os.path.join(out_dir, f'{split}.json'))
     pictures = visualize.evaluation_pictures(os.path.join(out_dir, split), scores, cm, info,
                                              picked, sources[split])
@@ -292,6 +294,16 @@ def _process_local(x, mesh) -> np.ndarray:
     return np.asarray(x)
   return np.asarray(multihost_utils.global_array_to_host_local_array(
       x, mesh, jax.sharding.PartitionSpec('data')))
+
+
+def _nan_to_none(x):
+  if isinstance(x, dict):
+    return {k: _nan_to_none(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_nan_to_none(v) for v in x]
+  if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+    return None
+  return x
 
 
 def _json_default(x):

@@ -1,6 +1,7 @@
 """Loss and metrics against small hand-computed arrays."""
 
 import math
+import json
 
 import jax
 import jax.numpy as jnp
@@ -235,3 +236,13 @@ def test_void_learned_as_a_class_is_left_out_of_the_scores():
   assert [(r['tp'], r['fp'], r['fn']) for r in s['per_class']] == [(5, 0, 1), (4, 1, 0), (3, 0, 1)]
   assert s['pixel_accuracy'] == 12 / 14
   assert s['miou'] == pytest.approx((5 / 6 + 4 / 5 + 3 / 4) / 3)
+
+
+def test_scores_file_is_strict_json_with_absent_classes_null():
+  from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+  cm = np.zeros((3, 3), np.int64)
+  cm[0, 0], cm[1, 0] = 5, 2  # Class 2 appears in neither labels nor predictions.
+  scores = metrics.scores_from_confusion(cm, ['a', 'b', 'c'])
+  text = json.dumps(evaluate._nan_to_none(scores), allow_nan=False)
+  back = json.loads(text)
+  assert back['per_class'][2]['iou'] is None and back['miou'] == pytest.approx(scores['miou'])
