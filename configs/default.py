@@ -91,10 +91,13 @@ def get_config():
   # kernel row) or 'auto' (dft at a batch of 8 or more, where its kernel transform pays).
   config.model.large_conv = 'auto'
 
-  # Optimiser: RMSprop (Keras defaults) with plateau decay once per epoch.
+  # Optimiser: RMSprop (Keras' decay and epsilon) with plateau decay once per epoch.
   config.learning_rate = 1e-3
   config.rmsprop_decay = 0.9
   config.rmsprop_eps = 1e-7
+  # True: optax's update g / sqrt(v + eps), with which every result in the README was trained.
+  # False: Keras' g / (sqrt(v) + eps). With eps 1e-7 they differ where sqrt(v) is below ~1e-3.
+  config.rmsprop_eps_in_sqrt = True
   config.weight_decay = 0.0  # Decoupled (AdamW-style) decay of conv kernels, times the rate.
   config.label_smoothing = 0.0  # Cross-entropy label smoothing.
   config.lovasz_weight = 0.0  # Adds this times the per-image Lovasz-softmax loss (IoU surrogate).

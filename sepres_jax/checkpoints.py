@@ -1,16 +1,13 @@
 """Orbax checkpoints of a run: the latest (for resuming) and the best by a validation metric.
 
-Each checkpoint holds three items: `state` (the TrainState arrays), `meta` (JSON: epoch, plateau
-and early-stopping state, history) and `data` (the grain iterator's position), so a resumed run
-continues at exactly the next batch. Orbax writes each step into a temporary folder and renames it
-when complete, so a half-written checkpoint is never restored (leftover temporary folders of a
-killed run are removed when the next run opens the manager). The data position is the same on
-every process (each reads its slice of one global batch), so a checkpoint written by N processes
-restores on any number of processes.
+Each checkpoint holds two items: `state` (the TrainState arrays) and `meta` (JSON: epoch, plateau
+and early-stopping state, history). The data position is the step: training batch n depends only
+on (seed, n), so a resumed run's iterator starts at its checkpoint's step and continues at exactly
+the next batch, with any number of processes or data workers. Orbax writes each step into a
+temporary folder and renames it when complete, so a half-written checkpoint is never restored
+(leftover temporary folders of a killed run are removed when the next run opens the manager).
 """
 
-import glob
-import json
 import os
 import re
 from typing import Any, Optional
@@ -52,11 +49,12 @@ def create_manager(workdir: str, best_metric: Optional[str] = None,
       directory, options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'meta': ocp.JsonCheckpointHandler(),
+                     # Checkpoints written before 2026-12-05 also hold the data iterator's
+                     # position; it is now the step itself (input_pipeline.train_iterator).
                      'data': grain.checkpoint.CheckpointHandler()})
 
 
-def save(manager, step: int, state, meta: dict, data_iterator=None,
-         metrics: Optional[dict] = None) -> None:
+def save(manager, step: int, state, meta: dict, metrics: Optional[dict] = None) -> None:
   """Starts an asynchronous save of `step`; `metrics` ranks it for the best checkpoint.
 
   A failure (of this save, or of the previous one still being written) raises CheckpointError
@@ -64,8 +62,6 @@ def save(manager, step: int, state, meta: dict, data_iterator=None,
   """
   wait(manager)  # orbax waits for the previous save anyway; this names its step if it failed.
   items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
-  if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   try:
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -100,12 +96,11 @@ def short_reason(e: BaseException) -> str:
   return text[:300]
 
 
-def restore(manager, step: int, abstract_state, data_iterator=None) -> tuple[Any, dict]:
+def restore(manager, step: int, abstract_state) -> tuple[Any, dict]:
   """Restores (state, meta) of `step` into `abstract_state`'s shapes and shardings.
 
-  When `data_iterator` is given its position is restored in place too, from this process's file
-  or, when the checkpoint was written by another number of processes, from process 0's. A state
-  of another shape raises CheckpointError naming the first array that differs; nothing is written.
+  A state of another shape raises CheckpointError naming the first array that differs; nothing is
+  written. (The data position needs no restoring: the training iterator starts at `step`.)
   """
   mismatch = first_mismatch(manager, step, abstract_state)
   if mismatch:
@@ -118,9 +113,6 @@ def restore(manager, step: int, abstract_state, data_iterator=None) -> tuple[Any
     # The shapes matched above, so this is a file that is missing, cut short or corrupt.
     raise CheckpointError(f'checkpoint {step} in {manager.directory} cannot be read '
                           f'({short_reason(e)})') from e
-  if data_iterator is not None:
-    data_iterator.set_state(_data_state(os.path.join(os.fspath(manager.directory), str(step),
-                                                     'data')))
   return restored['state'], restored['meta']
 
 
@@ -163,18 +155,6 @@ def _flat_shapes(tree) -> dict:
     shape = getattr(leaf, 'shape', None)
     out['/'.join(name(k) for k in path)] = None if shape is None else tuple(shape)
   return out
-
-
-def _data_state(data_dir: str) -> dict:
-  """The grain iterator state saved in `data_dir`, for this process or any process count."""
-  index, count = jax.process_index(), jax.process_count()
-  mine = os.path.join(data_dir, f'process_{index}-of-{count}.json')
-  files = [mine] if os.path.exists(mine) else sorted(
-      glob.glob(os.path.join(data_dir, 'process_0-of-*.json')))
-  if not files:
-    raise CheckpointError(f'{data_dir}: no data-iterator state in the checkpoint')
-  with open(files[0]) as f:
-    return json.load(f)
 
 
 def select_step(manager, which: str) -> Optional[int]:

@@ -39,6 +39,14 @@ def check(mode: str, config) -> None:
     if value is not None and value not in HISTORY_METRICS:
       raise ConfigError(f'config.{key} must name a per-epoch metric of history.json '
                         f'({", ".join(HISTORY_METRICS)}), got {value!r}')
+  for key in ('eval.scales', 'distill.scales'):
+    scales = _get(config, key)
+    if scales is not None and (
+        not isinstance(scales, (tuple, list)) or not scales
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                   for v in scales)):
+      raise ConfigError(f'config.{key} must be one or more positive numbers, e.g. (1.0,) or '
+                        f'(0.75,1.0,1.25), got {scales!r}')
   _model(config)
 
 
@@ -78,7 +86,14 @@ def _plateau(config) -> None:
           'a number in (0, 1) (to turn the rule off, a plateau.patience longer than the run)')
   _number(config, 'plateau.min_delta', lambda v: v >= 0, 'a number >= 0')
   _number(config, 'plateau.min_scale', lambda v: v >= 0, 'a number >= 0')
-  for key in ('plateau.patience', 'plateau.cooldown', 'early_stopping.patience'):
+  patience = _get(config, 'plateau.patience')
+  if patience is not None and (not _is_int(patience) or patience < 1):
+    # optax counts epochs without improvement and cuts when the count equals patience: at 0 it
+    # would cut after every improving epoch and never after a bad one.
+    raise ConfigError(f'config.plateau.patience must be a positive integer (1 cuts the rate after '
+                      f'each epoch without improvement, as Keras\' patience 0 does; one longer '
+                      f'than the run turns the rule off), got {patience!r}')
+  for key in ('plateau.cooldown', 'early_stopping.patience'):
     _positive_int(config, key, zero_ok=True)
 
 

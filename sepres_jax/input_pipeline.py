@@ -382,12 +382,14 @@ class _TrainBatch:
 
 
 def train_iterator(source, data_config, *, global_batch_size, seed, process_index=0,
-                   process_count=1):
-  """Infinite grain iterator of training batches, reshuffled every epoch.
+                   process_count=1, start_step=0):
+  """Infinite grain iterator of training batches, reshuffled every epoch, from `start_step` on.
 
   Epoch e is a permutation of the source drawn from (seed, e); its last incomplete global batch is
-  dropped, so every epoch has steps_per_epoch(len(source), global_batch_size) steps. The iterator
-  has get_state()/set_state(): a restored iterator continues at exactly the next batch.
+  dropped, so every epoch has steps_per_epoch(len(source), global_batch_size) steps. Batch n
+  (its examples, augmentation and flips) depends only on (seed, n), so a resumed run starts its
+  iterator at its checkpoint's step and reads exactly the batches an uninterrupted run would,
+  with any number of workers or processes.
   """
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   if steps_per_epoch(len(source), global_batch_size) == 0:
@@ -398,6 +400,7 @@ def train_iterator(source, data_config, *, global_batch_size, seed, process_inde
         .batch(global_batch_size, drop_remainder=True)
         .repeat()  # Reseeds the shuffle for each epoch.
         .map_with_index(_TrainBatch(source, data_config, local_batch, process_index, seed))
+        [int(start_step):]
         .to_iter_dataset(_read_options(data_config)))
   if data_config.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.num_workers)))
@@ -414,40 +417,30 @@ def _round_up(x, multiple):
 
 
 class _EvalBatch:
-  """Global batch number -> this process's slice, padded (label -1) to equal shapes."""
+  """Global batch number -> this process's slice, padded (label -1) to the batch's shape."""
 
-  def __init__(self, source, data_config, local_batch, process_index, global_batch_size,
-               resize=None, native_labels=False):
+  def __init__(self, source, data_config, plan, process_index, process_count,
+               size=None, native_labels=False):
     self.native_labels = native_labels
     self.source = source
     self.data_config = data_config
-    self.local_batch = local_batch
+    self.plan = plan  # [(source indices of the global batch, -1 padding; its (H, W))].
     self.process_index = process_index
-    self.global_batch_size = global_batch_size
-    resize = data_config.eval_resize if resize is None else resize
-    self.size = tuple(int(s) for s in data_config.image_size) if resize else None
-    # A shape for every batch, even a process slice made only of padding: the first example's.
-    if self.size is not None:
-      self.reference_hw = self.size
-    elif len(source):
-      self.reference_hw = tuple(source[0]['image'].shape[:2])
-    else:
-      self.reference_hw = (0, 0)
+    self.process_count = process_count
+    self.size = size
     self.native_hw = tuple(source[0]['label'].shape[:2]) if len(source) else (0, 0)
 
   def __call__(self, batch_number):
-    start = batch_number * self.global_batch_size + self.process_index * self.local_batch
-    indices = np.arange(start, start + self.local_batch)
-    valid = indices < len(self.source)
+    global_indices, (height, width) = self.plan[batch_number]
+    local_batch = len(global_indices) // self.process_count
+    indices = global_indices[self.process_index * local_batch:
+                             (self.process_index + 1) * local_batch]
+    valid = indices >= 0
     images, labels = [], []
     for i in indices[valid]:
       example = self.source[int(i)]
       images.append(preprocess_image(example['image'], self.data_config, self.size))
       labels.append(preprocess_label(example['label'], None if self.native_labels else self.size))
-    height = max([self.reference_hw[0]] + [im.shape[0] for im in images])
-    width = max([self.reference_hw[1]] + [im.shape[1] for im in images])
-    if self.size is None:
-      height, width = _round_up(height, PAD_MULTIPLE), _round_up(width, PAD_MULTIPLE)
     label_hw = (height, width)
     if self.native_labels:
       label_hw = self.native_hw
@@ -455,13 +448,53 @@ class _EvalBatch:
         raise DataError(f'eval.input=resize needs one image size per split: '
                         f'{[l.shape for l in labels]} vs {label_hw}; use eval.input=native')
     channels = 6 if self.data_config.lab else 3
-    image_batch = np.zeros((self.local_batch, height, width, channels), np.float32)
-    label_batch = np.full((self.local_batch, *label_hw), -1, np.int32)
+    image_batch = np.zeros((local_batch, height, width, channels), np.float32)
+    label_batch = np.full((local_batch, *label_hw), -1, np.int32)
     for k, (image, label) in enumerate(zip(images, labels)):  # Valid examples come first.
       image_batch[k, :image.shape[0], :image.shape[1]] = image
       label_batch[k, :label.shape[0], :label.shape[1]] = label
     return {'image': image_batch, 'label': label_batch, 'valid': valid,
-            'index': np.where(valid, indices, -1).astype(np.int32)}
+            'index': indices.astype(np.int32)}
+
+
+_PADDED_SHAPES = {}  # id(source) -> (source, shapes): one pass per source, not one per epoch.
+
+
+def padded_shapes(source) -> list[tuple[int, int]]:
+  """Each example's image (H, W) rounded up to multiples of PAD_MULTIPLE (reads every example)."""
+  cached = _PADDED_SHAPES.get(id(source))
+  if cached is not None and cached[0] is source:
+    return cached[1]
+  shapes = []
+  for i in range(len(source)):
+    h, w = source[i]['image'].shape[:2]
+    shapes.append((_round_up(h, PAD_MULTIPLE), _round_up(w, PAD_MULTIPLE)))
+  if len(_PADDED_SHAPES) >= 8:
+    _PADDED_SHAPES.clear()
+  _PADDED_SHAPES[id(source)] = (source, shapes)
+  return shapes
+
+
+def eval_plan(shapes, global_batch_size: int, multiple: int = 1):
+  """[(source indices padded with -1 to the batch's size, (H, W))] covering every example once.
+
+  Examples are grouped by shape (in order of each shape's first example), so that an image is
+  padded only to its own multiple of 32, as `--mode=predict` pads it: a network whose receptive
+  field reaches the padding then labels it the same whichever images share its batch. Each group
+  is cut into batches by `even_batch_size`.
+  """
+  groups = {}
+  for i, hw in enumerate(shapes):
+    groups.setdefault(tuple(hw), []).append(i)
+  plan = []
+  for hw, members in groups.items():
+    batch = even_batch_size(len(members), global_batch_size, multiple)
+    for start in range(0, len(members), batch):
+      chunk = np.full(batch, -1, np.int64)
+      part = members[start:start + batch]
+      chunk[:len(part)] = part
+      plan.append((chunk, hw))
+  return plan
 
 
 def even_batch_size(num_examples: int, max_batch: int, multiple: int = 1) -> int:
@@ -485,19 +518,20 @@ def eval_batches(source, data_config, *, global_batch_size, process_index=0, pro
   size, evened out to the smallest size (a multiple of `multiple` and of `process_count`) that
   still fits it in as many (`even_batch_size`), so little padding is computed.
 
-  Native resolution (padded bottom/right to a multiple of 32) unless `resize` (default:
+  Native resolution (each image padded bottom/right to its own multiple of 32: images of
+  different padded sizes go into different batches, see `eval_plan`) unless `resize` (default:
   data.eval_resize) resizes images to data.image_size; `native_labels` then keeps the labels at
   the native size, for scoring logits resized back (all images of the split one size). Padded
   pixels and padded examples have label -1; `valid` marks real examples, `index` their position in
   the source (-1 for padding). Padded image pixels are 0.
   """
   _local_batch_size(global_batch_size, process_index, process_count)  # Checks the arguments.
-  global_batch_size = even_batch_size(len(source), global_batch_size,
-                                      math.lcm(int(multiple), process_count))
-  local_batch = global_batch_size // process_count
-  num_batches = math.ceil(len(source) / global_batch_size)
-  ds = (grain.MapDataset.range(num_batches)
-        .map(_EvalBatch(source, data_config, local_batch, process_index, global_batch_size,
-                        resize, native_labels))
+  resize = data_config.eval_resize if resize is None else resize
+  size = tuple(int(s) for s in data_config.image_size) if resize else None
+  shapes = [size] * len(source) if size else padded_shapes(source)
+  plan = eval_plan(shapes, global_batch_size, math.lcm(int(multiple), process_count))
+  ds = (grain.MapDataset.range(len(plan))
+        .map(_EvalBatch(source, data_config, plan, process_index, process_count, size,
+                        native_labels))
         .to_iter_dataset(_read_options(data_config)))
   return iter(ds)

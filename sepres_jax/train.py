@@ -74,12 +74,15 @@ def check_writable(path: str) -> None:
 
 
 # What a resumed run may not change: what its checkpoints hold (the network, its dtype), the data
-# they were trained on and its order (data.*, batch_size, seed), and how the best is chosen
-# (best_metric; eval.input, what validation scores). The data's paths and pipeline settings and
-# the kernel forms (same numbers) are free; so are the optimiser's and the rules' fields (a rate
-# lowered for the last epochs, say): history.json records each epoch's rate.
+# they were trained on and its order (data.*, batch_size, seed), how the best is chosen
+# (best_metric; eval.input, what validation scores) and what the rules' saved bests measure (the
+# monitors). The data's paths and pipeline settings and the kernel forms (same numbers) are free;
+# so are the optimiser's and the rules' other fields (a rate lowered for the last epochs, say):
+# history.json records each epoch's rate. weight_decay may change, but not to or from 0: the
+# optimiser's state has another structure with decay than without.
 RESUME_FIXED = ('model.', 'data.', 'dtype', 'batch_size', 'seed', 'best_metric', 'eval.input',
-                'eval.ignore_void', 'eval.val_counts_void')
+                'eval.ignore_void', 'eval.val_counts_void', 'plateau.monitor',
+                'early_stopping.monitor')
 RESUME_FREE = ('model.impl', 'model.large_conv', 'data.manual_dir', 'data.cache_dir',
                'data.num_workers', 'data.num_threads', 'data.prefetch', 'data.cache_decoded_mb')
 
@@ -106,6 +109,9 @@ def check_resumed_config(config, workdir: str) -> list[str]:
                                                  for f in RESUME_FIXED)
   says = lambda k: f'{k} {stored[k]!r} -> {now[k]!r}'
   refused = [says(k) for k in changed if fixed(k)]
+  decay = 'weight_decay'
+  if decay in changed and (not stored[decay]) != (not now[decay]):
+    refused.append(f'{says(decay)} (to or from 0: the optimiser keeps other state)')
   if refused:
     raise RunError(f'{workdir} holds a run trained with another config: {"; ".join(refused)} '
                    '(resume with its values, as in its config.json, or use another --workdir)')
@@ -196,13 +202,16 @@ def create_optimizer(config, total_steps: Optional[int] = None) -> optax.Gradien
 
   def make(learning_rate):
     rate = lambda count: learning_rate * factor(count)
+    in_sqrt = bool(config.get('rmsprop_eps_in_sqrt', True))
     if not config.weight_decay:
-      return optax.rmsprop(rate, decay=config.rmsprop_decay, eps=config.rmsprop_eps)
+      return optax.rmsprop(rate, decay=config.rmsprop_decay, eps=config.rmsprop_eps,
+                           eps_in_sqrt=in_sqrt)
     # Decoupled (AdamW-style): the decay joins the update after RMSprop's normalisation, so it
     # shrinks a kernel by rate * weight_decay per step whatever its gradient's size. BatchNorm
     # scales and biases (1-D arrays) are not decayed.
     return optax.chain(
-        optax.scale_by_rms(decay=config.rmsprop_decay, eps=config.rmsprop_eps),
+        optax.scale_by_rms(decay=config.rmsprop_decay, eps=config.rmsprop_eps,
+                           eps_in_sqrt=in_sqrt),
         optax.add_decayed_weights(config.weight_decay,
                                   mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params)),
         optax.scale_by_learning_rate(rate))
@@ -337,6 +346,9 @@ class Stepper:
       self.eval = jax.jit(functools.partial(eval_step, weights=w),
                           out_shardings=self.replicated)
     elif self.mode == 'pmap':
+      if jax.process_count() > 1:  # Its batches and state are placed for one process's devices.
+        raise RunError(f'config.parallelism=pmap runs in one process, not {jax.process_count()}; '
+                       "use 'jit' (the default) across processes")
       self.train = jax.pmap(
           functools.partial(train_step, weights=w, label_smoothing=ls, lovasz_weight=lw,
                             distill_weight=dw, lovasz_native=ln, ema_decay=ed,
@@ -423,6 +435,12 @@ class EpochRules:
   def scale(self) -> float:
     return float(self.plateau_state.scale)
 
+  @property
+  def stopped_early(self) -> bool:
+    """Early stopping has ended the run (a resumed run with a longer patience goes on)."""
+    es = self.config.early_stopping
+    return es.patience > 0 and self.stop_wait >= es.patience
+
   def update(self, record: dict) -> tuple[bool, bool]:
     """Feeds one epoch's record; returns (learning rate was cut, stop now)."""
     old = self.scale
@@ -497,9 +515,6 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   sources, info = input_pipeline.load_sources(config.data)
   # Distillation: the teacher's predictions of the training images join them as soft targets.
   train_source = distill.with_teacher(config, sources['train'], mesh, workdir)
-  train_iter = input_pipeline.train_iterator(
-      train_source, config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = input_pipeline.steps_per_epoch(len(sources['train']), config.batch_size)
   # Validation scores what --mode=evaluate reports (eval.input), so the best checkpoint is chosen
   # by the same measure; data.eval_resize instead scores the resized copies (cheaper, as Keras).
@@ -527,7 +542,12 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   latest = manager.latest_step()
   epoch_sums = None  # Train-metric sums of the part of an epoch done before a mid-epoch save.
   if latest is not None:
-    state, meta = checkpoints.restore(manager, latest, checkpoints.abstract_like(state), train_iter)
+    state, meta = checkpoints.restore(manager, latest, checkpoints.abstract_like(state))
+    trained_on = meta.get('num_train_examples')  # Absent from checkpoints before 2026-12-05.
+    if trained_on is not None and trained_on != len(train_source):
+      raise RunError(f'{workdir} was trained on {trained_on} training images, and '
+                     f'{config.data.manual_dir or "the data"} has {len(train_source)}: its epochs '
+                     'and data order would not continue; use the same data or another --workdir')
     rules.load_state_dict(meta['rules'])
     history, epoch = meta['history'], meta['epoch']
     epoch_sums = meta.get('epoch_sums')
@@ -538,14 +558,22 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
     state = state.replace(**evaluate.load_weights(config.init_from, state, new_layers_ok=True))
     state = with_fresh_ema(state)  # The average starts at the weights fine-tuned from.
+  # Batch n depends only on (seed, n): the iterator starts at the checkpoint's step.
+  train_iter = input_pipeline.train_iterator(
+      train_source, config.data, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      start_step=latest or 0)
   if is_main:
     if latest is not None and config_changes:  # config.json is this run's; keep the one before.
       kept = os.path.join(workdir, f'config.until_step{latest}.json')
+      n = 1
+      while os.path.exists(kept):  # A start that changed the config and saved no step: keep both.
+        n += 1
+        kept = os.path.join(workdir, f'config.until_step{latest}.{n}.json')
       os.replace(os.path.join(workdir, 'config.json'), kept)
       logging.info('Resumed with %s; the config of steps 1-%d is now %s',
                    '; '.join(config_changes), latest, kept)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    _write_json_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   writer = _create_writer(workdir) if is_main else None
   pictures = None  # Fixed validation images with their predictions, in TensorBoard each epoch.
   if is_main and config.get('visualize', {}).get('num_tensorboard_images', 0):
@@ -574,7 +602,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     check_finite(step_state.params)
     part = {k: float(v) for k, v in stepper.fetch(sums).items()} if sums else None
     checkpoints.save(manager, step, stepper.from_step_state(step_state),
-                     _meta(epoch, rules, history, part), train_iter)
+                     _meta(epoch, rules, history, len(train_source), part))
     last_saved = step
 
   def close_run():
@@ -604,7 +632,11 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   # epoch_time runs from the previous epoch's record to this one's, so it also counts the previous
   # epoch's checkpoint start, pictures and logs: the epochs' times add up to the run's wall time.
   t_record = None
-  while epoch < config.num_epochs:
+  if rules.stopped_early and epoch < config.num_epochs:
+    logging.info('Early stopping ended this run after epoch %d (%s had not improved for %d '
+                 'epochs); a longer early_stopping.patience trains on', epoch,
+                 config.early_stopping.monitor, rules.stop_wait)
+  while epoch < config.num_epochs and not rules.stopped_early:
     lr = config.learning_rate * rules.scale
     step_state = stepper.to_step_state(set_learning_rate(stepper.from_step_state(step_state), lr))
     sums = None  # Device-side sums of the epoch's step metrics: no host sync per step.
@@ -673,13 +705,14 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '
                      f'good checkpoint in {workdir} is intact')
     best_so_far = _best_value(history, config.best_metric)
-    record['best'] = best_so_far is None or _better(config.best_metric, record[config.best_metric],
-                                                    best_so_far)
+    # A tie counts: orbax keeps the latest of equal checkpoints as the best.
+    record['best'] = best_so_far is None or not _better(
+        config.best_metric, best_so_far, record[config.best_metric])
     lr_cut, early_stop = rules.update(record)
     record['lr_cut'] = lr_cut
     history.append(record)
     last_saved = step
-    checkpoints.save(manager, step, state, _meta(epoch, rules, history), train_iter,
+    checkpoints.save(manager, step, state, _meta(epoch, rules, history, len(train_source)),
                      metrics={config.best_metric: float(record[config.best_metric])})
     logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f mIoU %.4f | lr %.2e'
                  '%s%s | %.1fs', epoch, record['train_loss'], record['train_accuracy'],
@@ -698,12 +731,12 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
         pictures.write(writer, scored if jax.process_count() == 1 else jax.tree.map(
             lambda x: np.asarray(x.addressable_data(0)), scored), epoch)
       writer.flush()
-    if stop.requested():
-      return stopped()
-    if early_stop:
+    if early_stop:  # Before a stop request: a stopped run is finished, not to be resumed.
       logging.info('Early stopping after epoch %d: %s has not improved for %d epochs', epoch,
                    config.early_stopping.monitor, config.early_stopping.patience)
       break
+    if stop.requested():
+      return stopped()
 
   close_run()
   if is_main:
@@ -712,8 +745,9 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   return record
 
 
-def _meta(epoch, rules, history, epoch_sums=None) -> dict:
-  meta = {'epoch': epoch, 'rules': rules.state_dict(), 'history': history}
+def _meta(epoch, rules, history, num_train, epoch_sums=None) -> dict:
+  meta = {'epoch': epoch, 'rules': rules.state_dict(), 'history': history,
+          'num_train_examples': int(num_train)}
   if epoch_sums:
     meta['epoch_sums'] = epoch_sums
   return meta
@@ -731,11 +765,16 @@ def _best_value(history, name):
   return best
 
 
-def _write_history(workdir, history) -> None:
-  tmp = os.path.join(workdir, 'history.json.tmp')
+def _write_json_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file: a crash leaves the old file or the new."""
+  tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(history, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, 'history.json'))
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _write_history(workdir, history) -> None:
+  _write_json_atomic(os.path.join(workdir, 'history.json'), json.dumps(history, indent=1))
 
 
 def _create_writer(workdir):

@@ -53,6 +53,9 @@ def test_every_shipped_config_passes(name):
     ('model.widths', (4, 8, 8, 0, 16), '5 positive integers'),
     ('model.fine_skips', 3, '0, 1 or 2'),
     ('model.refine', -1, 'non-negative'),
+    ('eval.scales', (), 'one or more positive numbers'),
+    ('eval.scales', (1.0, 0.0), 'one or more positive numbers'),
+    ('distill.scales', ('1.0',), 'one or more positive numbers'),
 ])
 def test_bad_value_names_its_key(key, value, words):
   config = _config()
@@ -68,7 +71,7 @@ def test_bad_value_names_its_key(key, value, words):
 
 @pytest.mark.parametrize('key, value', [
     ('factor', 1.0), ('factor', 0.0), ('min_delta', -1e-3), ('min_scale', -1.0),
-    ('patience', -1), ('cooldown', -2)])
+    ('patience', -1), ('patience', 0), ('cooldown', -2)])
 def test_plateau_fields_are_checked_for_training(key, value):
   config = _config()
   config.plateau[key] = value

@@ -329,16 +329,23 @@ def test_train_epochs_reshuffle_and_are_deterministic():
   assert label.dtype == np.int32 and (label[:, 0, 0] == np.array(ids[0]) % 12).all()
 
 
-def test_train_iterator_resumes_at_next_batch():
-  config = data_config('/unused', image_size=(8, 8))
+@pytest.mark.parametrize('workers', [0, 2])
+def test_train_iterator_resumes_at_next_batch(workers):
+  """Started at a step, the iterator reads what an uninterrupted one reads from there, whatever
+  the number of workers (a resumed run may change data.num_workers)."""
+  config = data_config('/unused', image_size=(8, 8), random_flip=True)
   source = IndexSource(10)
   iterator = input_pipeline.train_iterator(source, config, global_batch_size=4, seed=3)
-  take(iterator, 3)  # Into the second epoch.
-  state = iterator.get_state()
-  expected = [example_ids(b) for b in take(iterator, 4)]
-  resumed = input_pipeline.train_iterator(source, config, global_batch_size=4, seed=3)
-  resumed.set_state(state)
-  assert [example_ids(b) for b in take(resumed, 4)] == expected
+  expected = [example_ids(b) for b in take(iterator, 7)][3:]  # Steps 3-6: into the third epoch.
+  config.num_workers = workers
+  flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags, which main.py has parsed.
+  resumed = input_pipeline.train_iterator(source, config, global_batch_size=4, seed=3,
+                                          start_step=3)
+  got = take(resumed, 4)
+  assert [example_ids(b) for b in got] == expected
+  again = take(input_pipeline.train_iterator(source, config, global_batch_size=4, seed=3), 7)[3:]
+  for a, b in zip(got, again):  # Flips and all.
+    np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_train_process_slices_make_up_the_global_batch():
@@ -399,6 +406,42 @@ def test_eval_batches_cover_every_example_once(process_count):
         assert batch['index'][k] == -1 and (batch['label'][k] == -1).all()
   assert seen == list(range(10))
   assert per_process[-1][2]['valid'].sum() == (2 if process_count == 1 else 0)
+
+
+class MixedSource(IndexSource):
+  """IndexSource whose odd examples are 40x70 (padded to 64x96) and even ones 8x40 (32x64)."""
+
+  def __getitem__(self, i):
+    example = super().__getitem__(i)
+    if i % 2:
+      example['image'] = np.full((40, 70, 3), i, np.uint8)
+      example['label'] = np.full((40, 70, 1), i % 12, np.uint8)
+    return example
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_native_eval_pads_each_image_to_its_own_multiple(process_count):
+  """Images of different sizes go into different batches, each padded only to its own multiple
+  of 32 (as --mode=predict pads it), whichever images share the split, with one shape for all
+  processes' slices of a batch."""
+  config = data_config('/unused', eval_resize=False)
+  source = MixedSource(7, width=40)
+  per_process = [list(input_pipeline.eval_batches(source, config, global_batch_size=4,
+                                                  process_index=p, process_count=process_count))
+                 for p in range(process_count)]
+  assert len({len(b) for b in per_process}) == 1
+  seen = {}
+  for step in range(len(per_process[0])):
+    shapes = {b[step]['image'].shape[1:3] for b in per_process}
+    assert len(shapes) == 1, shapes
+    batch = {k: np.concatenate([b[step][k] for b in per_process]) for k in per_process[0][step]}
+    for k in np.flatnonzero(batch['valid']):
+      seen[int(batch['index'][k])] = batch['image'].shape[1:3]
+      assert example_ids({'image': batch['image'][k:k + 1]}) == [batch['index'][k]]
+  assert seen == {i: ((64, 96) if i % 2 else (32, 64)) for i in range(7)}
+  # Even examples first (the first example's shape), 4 then the 3 odd ones: two batches.
+  assert input_pipeline.eval_plan(input_pipeline.padded_shapes(source), 4, process_count)[0][1] \
+      == (32, 64)
 
 
 def test_even_batch_size():

@@ -52,8 +52,6 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert 'JAX process 1/2' in outs[1][1]
   assert all('compilation cache off: multi-process CPU' in err for _, err in outs)
-  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= {
-      p.name for p in (workdir / 'checkpoints' / '4' / 'data').iterdir()}
   ref, two = _history(tmp_path / 'single'), _history(workdir)
   assert len(two) == 1
   for k in KEYS:  # Metrics are global: the same as one process up to summation order.

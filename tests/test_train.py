@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 from pathlib import Path
 import time
 
@@ -258,3 +259,87 @@ def test_epoch_time_counts_the_previous_epochs_save(tmp_path, monkeypatch):
   first, second = json.loads((Path(workdir) / 'history.json').read_text())
   assert second['epoch_time'] >= second['train_time'] + 1.0  # Epoch 1's save (1 s) is in it.
   assert first['epoch_time'] + second['epoch_time'] < wall
+
+
+@pytest.mark.parametrize('in_sqrt', [True, False])
+def test_rmsprop_epsilon_inside_or_outside_the_root(tiny_config, in_sqrt):
+  """optax's g / sqrt(v + eps) by default; Keras' g / (sqrt(v) + eps) with eps_in_sqrt off."""
+  c = tiny_config
+  c.rmsprop_eps_in_sqrt, c.rmsprop_eps, c.rmsprop_decay, c.learning_rate = in_sqrt, 1e-4, 0.9, 1.0
+  tx = train.create_optimizer(c)
+  g = jnp.array([1e-3, 1.0])
+  updates, _ = tx.update({'w': g}, tx.init({'w': jnp.zeros(2)}))
+  v = 0.1 * g ** 2
+  expected = -g / (jnp.sqrt(v + 1e-4) if in_sqrt else jnp.sqrt(v) + 1e-4)
+  np.testing.assert_allclose(updates['w'], expected, rtol=1e-5)
+
+
+def _resume_workdir(tmp_path, config):
+  """A workdir that looks resumable: config.json and a checkpoint folder."""
+  workdir = tmp_path / 'run'
+  (workdir / checkpoints.CHECKPOINT_DIR / '5').mkdir(parents=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  return str(workdir)
+
+
+def test_resume_refuses_other_monitors_and_switching_weight_decay(tiny_config, tmp_path):
+  c = tiny_config
+  c.weight_decay = 0.0
+  workdir = _resume_workdir(tmp_path, c)
+  for key, value, words in [
+      ('plateau.monitor', 'val_loss', "plateau.monitor 'val_miou' -> 'val_loss'"),
+      ('early_stopping.monitor', 'val_loss', "early_stopping.monitor 'val_miou' -> 'val_loss'"),
+      ('weight_decay', 1e-4, 'weight_decay 0.0 -> 0.0001 (to or from 0')]:
+    changed = c.copy_and_resolve_references()
+    *parents, leaf = key.split('.')
+    node = changed
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    with pytest.raises(train.RunError, match=re.escape(words)):
+      train.check_resumed_config(changed, workdir)
+  decayed = c.copy_and_resolve_references()
+  decayed.weight_decay = 1e-4
+  workdir = _resume_workdir(tmp_path / 'decayed', decayed)
+  decayed.weight_decay, decayed.learning_rate = 2e-4, 5e-4  # A decay's size and the rate are free.
+  assert train.check_resumed_config(decayed, workdir) == [
+      'learning_rate 0.001 -> 0.0005', 'weight_decay 0.0001 -> 0.0002']
+
+
+def test_an_early_stopped_run_stays_stopped_on_resume(tmp_path, monkeypatch):
+  """Started again (or resumed after a stop request during its last epoch), a run that early
+  stopping ended trains no further; a longer patience trains on."""
+  update = train.EpochRules.update
+
+  def stop_now(self, record):
+    cut, _ = update(self, record)
+    self.stop_wait = self.config.early_stopping.patience  # As if it had not improved.
+    return cut, True
+
+  monkeypatch.setattr(train.EpochRules, 'update', stop_now)
+  config, workdir = train_tiny(tmp_path, num_epochs=3, early_stopping__patience=1,
+                               visualize__num_tensorboard_images=0)
+  history = lambda: json.loads((Path(workdir) / 'history.json').read_text())
+  assert [r['epoch'] for r in history()] == [1]
+  monkeypatch.setattr(train.EpochRules, 'update', update)
+  assert train.train_and_evaluate(config, workdir)['epoch'] == 1
+  assert [r['epoch'] for r in history()] == [1]
+  config.early_stopping.patience = 5
+  train.train_and_evaluate(config, workdir)
+  assert [r['epoch'] for r in history()] == [1, 2, 3]
+
+
+def test_resume_on_other_training_data_is_refused(tmp_path, monkeypatch):
+  config, workdir = train_tiny(tmp_path, visualize__num_tensorboard_images=0)
+  load = input_pipeline.load_sources
+
+  def fewer(data_config):
+    sources, info = load(data_config)
+    n = len(sources['train'])
+    return dict(sources, train=input_pipeline.SubsetSource(sources['train'], range(n - 1))), info
+
+  monkeypatch.setattr(input_pipeline, 'load_sources', fewer)
+  config.num_epochs = 2
+  with pytest.raises(train.RunError, match='was trained on .* training images, and'):
+    train.train_and_evaluate(config, workdir)
+  assert len(json.loads((Path(workdir) / 'history.json').read_text())) == 1
