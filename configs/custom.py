@@ -36,7 +36,8 @@ def get_config():
   data.folder.classes_file = ''
   data.num_classes = 3  # EDIT: the number of classes (void not counted).
   data.folder.ignore_value = 255  # EDIT: id of unlabelled pixels ('ids' labels).
-  data.folder.ignore_color = ()  # EDIT: colour of unlabelled pixels ('colors'); () = black.
+  data.folder.ignore_color = ()  # EDIT: colour of unlabelled pixels ('colors'); () = black
+  # (with 'ids', where it only draws pictures: white, or grey, ..., if a class is black).
   # Splits: 'folders' (images/train/, images/val/, images/test/ and the same under labels/),
   # 'lists' (train.txt, val.txt, test.txt beside images/: one file name per line) or 'random'.
   data.folder.splits = 'folders'

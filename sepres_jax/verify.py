@@ -60,7 +60,10 @@ def _folder_splits(root: Path, spec):
     found, more = _pairs_of_split(Path(image_dir), Path(label_dir))
     problems.extend(more)
     return found
-  return folder_data.split_pairs(root, spec, lister=lister), problems
+  try:
+    return folder_data.split_pairs(root, spec, lister=lister), problems
+  except DataError as e:  # With the problems found before it (often its cause: a missing label).
+    raise DataError('; '.join(problems + [str(e)])) from None
 
 
 def scan(data_config) -> Report:
@@ -137,13 +140,9 @@ def _pairs_of_split(image_dir: Path, label_dir: Path):
 
 def _camvid_label(path, num_classes):
   """CamVid label -> (uint8 ids with void = num_classes, '' or the out-of-range problem)."""
-  label = np.asarray(camvid._open(path, 'label'))  # pylint: disable=protected-access
-  if label.ndim == 3:
-    c = label[..., :3]
-    if not (np.array_equal(c[..., 0], c[..., 1]) and np.array_equal(c[..., 0], c[..., 2])):
-      raise DataError(f'{path}: label is a colour (RGB) image; expected single-channel class ids '
-                      f'0..{num_classes}')
-    label = c[..., 0]
+  label = camvid.single_channel(
+      np.asarray(camvid._open(path, 'label')), path,  # pylint: disable=protected-access
+      f'label is a colour (RGB) image; expected single-channel class ids 0..{num_classes}')
   bad = np.setdiff1d(np.unique(label), np.arange(num_classes + 1))
   if not bad.size:
     return label, ''

@@ -163,6 +163,52 @@ def test_a_list_naming_a_missing_image_is_an_error(tmp_path, shapes):
     folder.split_pairs(root, spec)
 
 
+def test_a_listed_image_without_label_says_so(tmp_path):
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'ids', 'lists', counts=(4, 2, 2))
+  label = next((root / 'labels').glob('val_0001.*'))
+  label.unlink()
+  spec = folder.spec_of(_config(tmp_path, root, 'ids', 'lists').data)
+  with pytest.raises(DataError, match='val_0001.jpg: image has no label in'):
+    folder.split_pairs(root, spec)  # The first unmatched file, as training reads the folder.
+  from sepres_jax import verify  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DataError) as e:  # --mode=verify's lister collects every problem first.
+    verify._folder_splits(root, spec)  # pylint: disable=protected-access
+  assert 'val_0001.jpg: image has no label in' in str(e.value)
+  assert "val.txt:2: 'val_0001.jpg' has no label (the image is in" in str(e.value)
+
+
+def test_void_is_drawn_apart_from_a_black_class(tmp_path):
+  config = _config(tmp_path, tmp_path / 'unused')
+  config.data.num_classes = 2
+  config.data.folder.class_names = ('background', 'thing')
+  config.data.folder.colors = ((0, 0, 0), (200, 0, 0))
+  config.data.folder.ignore_color = ()
+  names, colors = folder.palette(config.data)
+  assert names[-1] == 'void' and tuple(colors[-1]) == (255, 255, 255)  # Not the class's black.
+  config.data.folder.ignore_color = (200, 0, 0)
+  with pytest.raises(DataError, match=r'ignore colour \(200, 0, 0\) is also a class colour'):
+    folder.palette(config.data)
+
+
+def test_awkward_png_modes_are_read_as_rgb_images_and_id_labels(tmp_path):
+  """An RGB PNG with a transparency colour decodes to 4 channels in tfds (OpenCV), so it is
+  stored converted; grey or palette labels with alpha give their first channel."""
+  from sepres_jax.data import camvid  # pylint: disable=g-import-not-at-top
+  rgb = np.random.default_rng(0).integers(0, 256, (6, 7, 3), np.uint8)
+  Image.fromarray(rgb).save(tmp_path / 'keyed.png', transparency=(0, 0, 0))
+  Image.fromarray(rgb).save(tmp_path / 'plain.png')
+  with Image.open(tmp_path / 'keyed.png') as img:
+    stored = camvid.stored_image(img, tmp_path / 'keyed.png')
+  assert isinstance(stored, Image.Image) and np.asarray(stored).shape == (6, 7, 3)
+  with Image.open(tmp_path / 'plain.png') as img:
+    assert camvid.stored_image(img, tmp_path / 'plain.png') == os.fspath(tmp_path / 'plain.png')
+  ids = np.random.default_rng(1).integers(0, 12, (6, 7), np.uint8)
+  Image.fromarray(np.stack([ids, np.full_like(ids, 255)], -1), 'LA').save(tmp_path / 'la.png')
+  _, label = camvid.load_label(tmp_path / 'la.png')
+  np.testing.assert_array_equal(label, ids)
+
+
 # --- verify ---------------------------------------------------------------------------------------
 
 

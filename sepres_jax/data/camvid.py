@@ -111,18 +111,36 @@ def _open(path, what):
   return img
 
 
+def single_channel(arr, path, colour_error: str):
+  """A label array as [H, W] ids: grey or palette with alpha (LA, PA) gives its first channel,
+  and RGB(A) is accepted when its three channels are equal (some copies, e.g. the prepped one,
+  store the id in all three); another RGB image raises DataError(f'{path}: {colour_error}')."""
+  if arr.ndim != 3:
+    return arr
+  if arr.shape[-1] < 3:
+    return arr[..., 0]
+  channels = arr[..., :3]
+  if not (np.array_equal(channels[..., 0], channels[..., 1])
+          and np.array_equal(channels[..., 0], channels[..., 2])):
+    raise DataError(f'{path}: {colour_error}')
+  return channels[..., 0]
+
+
+def stored_image(img, path):
+  """The image as the tfds feature stores it: the file itself where the decoder (cv2
+  IMREAD_UNCHANGED) gives 8-bit RGB from it (JPEG, or an 8-bit RGB PNG without a transparency
+  colour, which would decode to 4 channels), or else the PIL image converted to RGB."""
+  if img.mode == 'RGB' and 'transparency' not in img.info and (
+      img.format == 'JPEG' or _png_bit_depth(path) == 8):
+    return os.fspath(path)
+  return img.convert('RGB')
+
+
 def load_label(path):
   """Reads a label file as uint8 [H, W]; rejects colour-coded labels and values above void."""
   img = _open(path, 'label')
-  arr = np.asarray(img)
-  if arr.ndim == 3:
-    # Some copies (e.g. the prepped one) store the class id in all three channels: accept that.
-    channels = arr[..., :3]
-    if not (np.array_equal(channels[..., 0], channels[..., 1])
-            and np.array_equal(channels[..., 0], channels[..., 2])):
-      raise DataError(f'{path}: label is a colour (RGB) image; expected single-channel class ids '
-                      f'0..{VOID_LABEL}')
-    arr = channels[..., 0]
+  arr = single_channel(np.asarray(img), path, 'label is a colour (RGB) image; expected '
+                       f'single-channel class ids 0..{VOID_LABEL}')
   if arr.size and int(arr.max()) > VOID_LABEL:
     raise DataError(f'{path}: label value {int(arr.max())} out of range 0..{VOID_LABEL} (void)')
   return img, np.ascontiguousarray(arr, dtype=np.uint8)
@@ -135,11 +153,8 @@ def check_pair(image_path, label_path):
   if (img.height, img.width) != label.shape:
     raise DataError(f'{label_path}: label size {label.shape[1]}x{label.shape[0]} != image size '
                     f'{img.width}x{img.height} of {image_path}')
-  # Pass the file through untouched when the decoder (cv2 IMREAD_UNCHANGED) gives 8-bit RGB / ids.
-  if img.mode == 'RGB' and (img.format == 'JPEG' or _png_bit_depth(image_path) == 8):
-    image_value = os.fspath(image_path)
-  else:
-    image_value = img.convert('RGB')
+  image_value = stored_image(img, image_path)
+  # The label file passes through untouched when the decoder gives its 8-bit ids.
   if label_img.mode == 'L' and _png_bit_depth(label_path) == 8:
     label_value = os.fspath(label_path)
   else:

@@ -35,7 +35,6 @@ from sepres_jax.data import camvid
 from sepres_jax.data.camvid import DataError
 
 SPLITS = ('train', 'val', 'test')
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 VOID_COLOR_DEFAULT = (0, 0, 0)
 
 
@@ -112,15 +111,22 @@ def palette(data_config):
     void_color = None
   if tuple(f.ignore_color):
     void_color = _parse_color(' '.join(str(v) for v in f.ignore_color), 'data.folder.ignore_color')
-  void_color = VOID_COLOR_DEFAULT if void_color is None else void_color
+  class_colors = {tuple(c) for c in colors.tolist()}
+  if void_color is None:
+    # The default void colour, or with class ids (where colours only draw the pictures) the first
+    # of a few that no class has: black void would look like a black class in every picture.
+    candidates = [VOID_COLOR_DEFAULT]
+    if data_config.folder.encoding == 'ids':
+      candidates += [(255, 255, 255), (128, 128, 128), (255, 0, 255), (64, 64, 64)]
+    void_color = next((c for c in candidates if c not in class_colors), VOID_COLOR_DEFAULT)
   if len(names) != int(data_config.num_classes):
     raise DataError(f'data.num_classes={data_config.num_classes} but the palette names '
                     f'{len(names)} classes ({", ".join(names)})')
   if len({tuple(c) for c in colors.tolist()}) != len(colors):
     raise DataError('two classes share a colour in the palette')
-  if data_config.folder.encoding == 'colors' and tuple(void_color) in {tuple(c) for c in
-                                                                      colors.tolist()}:
-    raise DataError(f'the ignore colour {tuple(void_color)} is also a class colour')
+  if tuple(int(v) for v in void_color) in class_colors:
+    raise DataError(f'the ignore colour {tuple(int(v) for v in void_color)} is also a class '
+                    'colour (set data.folder.ignore_color to another)')
   return (*names, 'void'), np.concatenate([colors, np.uint8([void_color])])
 
 
@@ -178,14 +184,10 @@ def decode_label(path, spec):
   num_classes = len(spec['class_names']) - 1
   img = camvid._open(path, 'label')  # pylint: disable=protected-access
   if spec['encoding'] == 'ids':
-    arr = np.asarray(img)  # A palette ('P') PNG gives its indices: the ids.
-    if arr.ndim == 3:
-      channels = arr[..., :3]
-      if not (np.array_equal(channels[..., 0], channels[..., 1])
-              and np.array_equal(channels[..., 0], channels[..., 2])):
-        raise DataError(f"{path}: label is a colour (RGB) image but data.folder.encoding='ids' "
-                        "expects single-channel class ids (use encoding='colors' and a palette)")
-      arr = channels[..., 0]
+    # A palette ('P') PNG gives its indices: the ids.
+    arr = camvid.single_channel(
+        np.asarray(img), path, "label is a colour (RGB) image but data.folder.encoding='ids' "
+        "expects single-channel class ids (use encoding='colors' and a palette)")
     arr = arr.astype(np.int64)
     valid = (arr >= 0) & (arr < num_classes)
     ignore = arr == spec['ignore_value']
@@ -229,6 +231,8 @@ def _read_list(list_file, pairs_by_stem, image_dir):
     stem = Path(entry).stem if Path(entry).suffix.lower() in camvid.IMAGE_SUFFIXES else entry
     stem = Path(stem).name
     if stem not in pairs_by_stem:
+      if any(Path(image_dir, stem + suffix).is_file() for suffix in camvid.IMAGE_SUFFIXES):
+        raise DataError(f'{list_file}:{n}: {entry!r} has no label (the image is in {image_dir})')
       raise DataError(f'{list_file}:{n}: {entry!r} is not an image in {image_dir}')
     chosen.append(pairs_by_stem[stem])
   if not chosen:
@@ -305,11 +309,7 @@ def read_pair(image_path, label_path, spec):
   if (img.height, img.width) != label.shape:
     raise DataError(f'{label_path}: label size {label.shape[1]}x{label.shape[0]} != image size '
                     f'{img.width}x{img.height} of {image_path}')
-  if img.mode == 'RGB' and (img.format == 'JPEG' or camvid._png_bit_depth(image_path) == 8):  # pylint: disable=protected-access
-    image_value = os.fspath(image_path)
-  else:
-    image_value = img.convert('RGB')
-  return image_value, PILImage.fromarray(label, mode='L')
+  return camvid.stored_image(img, image_path), PILImage.fromarray(label, mode='L')
 
 
 class FolderDataset(tfds.core.GeneratorBasedBuilder):
