@@ -39,7 +39,14 @@ def visualize(config, workdir: str):
   if what in ('all', 'data'):
     draw_data(config, workdir)
   if what == 'curves' or os.path.isfile(history):
-    print(f'wrote {training_curves(workdir)}')
+    try:
+      path = training_curves(workdir)
+    except ValueError as e:  # json's errors, and a file that is not a list of epoch records.
+      raise train.RunError(f'{history}: not a history of epochs ({e})') from None
+    if path is None and what == 'curves':
+      raise train.RunError(f'{history}: no epoch recorded yet')
+    if path is not None:
+      print(f'wrote {path}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +74,8 @@ def draw_data(config, workdir: str) -> list[str]:
     written.append(drawing.save_label_panel(image, label, colors, names,
                                             os.path.join(out_dir, f'{stem}_labels.png'),
                                             title=f'{split}: {stem}'))
-    # Exactly what training feeds the network: the shared preprocessing, back to uint8.
+    # What a resize feeds the network (training without crops, resized validation): the shared
+    # preprocessing, back to uint8. With data.augment.crop, training takes scaled random crops.
     resized = drawing.to_uint8(input_pipeline.preprocess_image(image, config.data, size)[..., :3])
     written.append(drawing.save_resize_comparison(
         image, label, resized, input_pipeline.preprocess_label(example['label'], size), colors,
@@ -115,6 +123,8 @@ def training_curves(workdir: str):
       history = json.load(f)
   except FileNotFoundError:
     return None
+  if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+    raise ValueError('expected a list of epoch records')
   if not history:
     return None
   try:
@@ -135,13 +145,15 @@ def training_curves(workdir: str):
 class ValidationPictures:
   """A few fixed validation images; after each epoch, image | prediction | truth in TensorBoard.
 
-  The images are preprocessed as validation sees them (data.eval_resize, else native padded to a
-  multiple of 32), stacked once into one batch: the forward pass compiles once, at that shape.
+  The images are preprocessed as validation feeds them to the network (resized to
+  data.image_size with data.eval_resize or eval.input='resize', else native padded to a multiple
+  of 32), stacked once into one batch: the forward pass compiles once, at that shape.
   """
 
   def __init__(self, config, source, info, apply_fn):
     from sepres_jax import predict  # pylint: disable=g-import-not-at-top
-    size = tuple(int(s) for s in config.data.image_size) if config.data.eval_resize else None
+    resized = config.data.eval_resize or config.eval.input == 'resize'  # As train.py validates.
+    size = tuple(int(s) for s in config.data.image_size) if resized else None
     self.colors = info.colors
     self.images, self.labels = [], []
     for i in spread(len(source), config.visualize.num_tensorboard_images):

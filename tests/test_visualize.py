@@ -102,3 +102,31 @@ def test_evaluate_pictures_and_scores_unchanged(trained, capsys):
   assert scores['miou'] == record['val_miou']
   assert scores['pixel_accuracy'] == record['val_accuracy']
   assert scores['loss'] == pytest.approx(record['val_loss'], rel=1e-5)
+
+
+@pytest.mark.parametrize('text, words', [
+    ('[{"epoch": 1, "val_lo', 'not a history of epochs'),
+    ('{"epoch": 1}', 'not a history of epochs'),
+    ('[]', 'no epoch recorded yet'),
+])
+def test_curves_of_a_broken_history_are_one_line(tiny_config, tmp_path, capsys, text, words):
+  (tmp_path / 'history.json').write_text(text)
+  tiny_config.visualize.what = 'curves'
+  assert cli.run('visualize', tiny_config, str(tmp_path)) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and words in err[0] and 'history.json' in err[0], err
+
+
+@pytest.mark.parametrize('eval_resize, eval_input, resized', [
+    (False, 'resize', True), (True, 'native', True), (False, 'native', False)])
+def test_tensorboard_pictures_see_what_validation_feeds(tiny_config, eval_resize, eval_input,
+                                                        resized):
+  """Validation resizes with data.eval_resize or eval.input='resize' (train.py): so do they."""
+  c = tiny_config
+  c.data.eval_resize, c.eval.input, c.visualize.num_tensorboard_images = eval_resize, eval_input, 2
+  rgb = np.zeros((40, 72, 3), np.uint8)
+  source = [{'image': rgb, 'label': np.zeros((40, 72, 1), np.uint8)}] * 3
+  info = type('Info', (), {'colors': np.zeros((13, 3), np.uint8)})()
+  pictures = visualize.ValidationPictures(c, source, info, apply_fn=None)
+  expected = tuple(c.data.image_size) if resized else (64, 96)
+  assert pictures.batch.shape[1:3] == expected and len(pictures) == 2
