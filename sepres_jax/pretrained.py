@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -93,6 +94,11 @@ def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> d
   from sepres_jax import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
+  out, work = os.path.abspath(out), os.path.abspath(workdir)
+  for kept, what in ((work, 'the run'), (os.getcwd(), 'the current folder')):
+    if kept == out or kept.startswith(out.rstrip(os.sep) + os.sep):
+      raise train.RunError(f'--out={out} holds {what} ({kept}), which packing would replace; '
+                           'choose a new folder such as pretrained/NAME')
   with open(os.path.join(workdir, 'config.json')) as f:
     run_config = json.load(f)
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -106,14 +112,36 @@ def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> d
   model = models.create_model(config, train.num_outputs(config))
   state = train.create_train_state(config, model, jax.random.key(0), mesh)
   weights, step = evaluate.restore_weights(os.path.abspath(workdir), 'best', state)
-  out = os.path.abspath(out)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.makedirs(out)
+  # Everything is written into a temporary folder beside `out`, which then takes its place: a
+  # failure on the way (a full disk) leaves weights packed there before as they were.
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  final, out = out, tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}-', dir=os.path.dirname(out))
+  os.chmod(out, 0o755)  # mkdtemp's 0700 would be the packed folder's.
+  try:
+    results = _write(out, final, workdir, weights, step, run_config, eval_split, title)
+    if os.path.exists(final):
+      old = tempfile.mkdtemp(prefix=f'.{os.path.basename(final)}-old-', dir=os.path.dirname(final))
+      os.replace(final, os.path.join(old, 'packed'))
+      os.replace(out, final)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(out, final)
+  finally:
+    shutil.rmtree(out, ignore_errors=True)  # Only left when a step above failed.
+  size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(final) for n in ns)
+  print(f'wrote {final}: {size / 2**20:.1f} MB (best checkpoint, step {step})')
+  return results
+
+
+def _write(out, final, workdir, weights, step, run_config, eval_split, title) -> dict:
+  """Writes weights/, config.py and results.json into `out` (to be renamed `final`)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(out, evaluate.WEIGHTS_DIR), jax.tree.map(jax.device_get, weights))
     checkpointer.wait_until_finished()
-  rel = os.path.relpath(out, os.getcwd())
+  rel = os.path.relpath(final, os.getcwd())
   with open(os.path.join(out, 'config.py'), 'w') as f:
     f.write(config_source(run_config, title or f'Weights of {workdir}, best checkpoint (step '
                                                 f'{step}).', rel))
@@ -133,15 +161,17 @@ def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> d
     results['iou'] = {row['name']: row['iou'] for row in scores.get('per_class', [])}
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)
-  size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(out) for n in ns)
-  print(f'wrote {out}: {size / 2**20:.1f} MB (best checkpoint, step {step})')
   return results
 
 
 def main(argv):
   del argv
+  from sepres_jax import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  pack(f.workdir, f.out, f.eval, f.title)
+  try:
+    pack(f.workdir, f.out, f.eval, f.title)
+  except cli.USER_ERRORS as e:  # One line, as main.py's.
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from conftest import CAMVID, ROOT, run_env, train_tiny
 from sepres_jax import evaluate
 from sepres_jax import pretrained
+from sepres_jax import train
 
 SHIPPED = sorted(p for p in (ROOT / 'pretrained').glob('*') if (p / 'weights').is_dir())
 MAX_BYTES = 25 * 2**20
@@ -75,6 +77,31 @@ def test_pack_leaves_out_an_ensembles_scores(packed_run, tmp_path, capsys):
   results = pretrained.pack(workdir, os.fspath(tmp_path / 'out'), 'val')
   assert 'miou' not in results and 'iou' not in results
   assert 'scores an ensemble' in capsys.readouterr().out
+
+
+def test_pack_replaces_a_folder_whole_and_never_the_run(packed_run, tmp_path, monkeypatch):
+  _, workdir, _, _, _ = packed_run
+  out = tmp_path / 'packed'
+  out.mkdir()
+  (out / 'old.txt').write_text('packed before')
+  run_before = sorted(str(p) for p in Path(workdir).rglob('*'))
+  for bad in (workdir, os.path.dirname(workdir)):  # The run itself, or a folder above it.
+    with pytest.raises(train.RunError, match='which packing would replace'):
+      pretrained.pack(workdir, bad)
+  assert sorted(str(p) for p in Path(workdir).rglob('*')) == run_before
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  with monkeypatch.context() as m:  # A failure while writing leaves the earlier folder as it was.
+    m.setattr(pretrained, 'config_source', full_disk)  # After the weights are written.
+    with pytest.raises(OSError, match='No space left'):
+      pretrained.pack(workdir, os.fspath(out))
+  assert sorted(os.listdir(out)) == ['old.txt']
+  assert sorted(os.listdir(tmp_path)) == ['packed']  # No temporary folder left behind.
+  pretrained.pack(workdir, os.fspath(out))
+  assert sorted(os.listdir(out)) == ['config.py', 'results.json', 'weights']
+  assert sorted(os.listdir(tmp_path)) == ['packed']
 
 
 def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(packed_run, tmp_path):
