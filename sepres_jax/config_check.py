@@ -15,8 +15,29 @@ class ConfigError(Exception):
   """A config value that cannot work: a user error, reported as one line."""
 
 
+def _keys(node, prefix=''):
+  for k, v in node.items():
+    if hasattr(v, 'items'):
+      yield from _keys(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}'
+
+
+def check_keys(config) -> None:
+  """A key configs/default.py lacks (a config file's typo, `ignore_valeu` say) is an error: it
+  would be silently ignored while the real field kept its default."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  known = set(_keys(default.get_config()))
+  known_sections = {k.rsplit('.', 1)[0] for k in known if '.' in k}
+  unknown = sorted(k for k in _keys(config) if k not in known and k not in known_sections)
+  if unknown:
+    raise ConfigError(f'config.{unknown[0]} is not a field of configs/default.py (a typo?)'
+                      + (f'; also {", ".join(unknown[1:4])}' if len(unknown) > 1 else ''))
+
+
 def check(mode: str, config) -> None:
   """Raises ConfigError naming the first bad value of `config` for `mode`."""
+  check_keys(config)
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'predict.batch_size'):
     _positive_int(config, key)
   if mode == 'train':

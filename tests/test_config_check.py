@@ -217,3 +217,16 @@ def test_a_read_only_place_fails_before_the_work(tmp_path):
       train.check_writable(str(ro / 'run'))
   finally:
     subprocess.run(['umount', str(ro)], check=True)
+
+
+def test_a_misspelled_key_in_a_config_file_is_one_line(tmp_path):
+  """Keys a config file adds (not only flags, which ml_collections checks) must exist."""
+  path = tmp_path / 'my_data.py'
+  path.write_text('from configs import custom\n\n\ndef get_config():\n'
+                  '  config = custom.get_config()\n'
+                  '  config.data.folder.ignore_valeu = 0\n  return config\n')
+  out = subprocess.run([sys.executable, 'main.py', f'--config={path}', '--mode=verify',
+                        f'--workdir={tmp_path / "run"}'], cwd=ROOT, env=run_env(),
+                       capture_output=True, text=True, timeout=300)
+  err = one_error_line(out)
+  assert 'config.data.folder.ignore_valeu is not a field of configs/default.py' in err, err
