@@ -116,12 +116,17 @@ class DecodedCache:
 # ---------------------------------------------------------------------------------------------
 
 
-def folder_fingerprint(folder):
-  """Hash of a folder's absolute path and every file's relative path, size and mtime."""
+def folder_fingerprint(folder, exclude=None):
+  """Hash of a folder's absolute path and every file's relative path, size and mtime.
+
+  `exclude` (the data cache, when a user puts it inside the data folder) is left out, or the
+  cache's own files would change the fingerprint at every run.
+  """
   folder = Path(folder).resolve()
+  exclude = Path(exclude).resolve() if exclude is not None else None
   h = hashlib.sha256(f'{camvid.CamVid.VERSION}\0{folder}\0'.encode())
   for root, dirs, files in os.walk(folder):
-    dirs.sort()
+    dirs[:] = sorted(d for d in dirs if exclude is None or (Path(root) / d).resolve() != exclude)
     for name in sorted(files):
       path = Path(root) / name
       st = path.stat()
@@ -201,12 +206,13 @@ def _build_dataset(data_config):
     return builder
   if data_config.name == 'folder':
     # The records depend on the palette, encoding and splits too: they are part of the key.
-    data_dir = cache_dir / 'tfds' / f'folder-{folder_fingerprint(folder)}-{folder_data.spec_key(spec)}'
+    key = f'{folder_fingerprint(folder, cache_dir)}-{folder_data.spec_key(spec)}'
+    data_dir = cache_dir / 'tfds' / f'folder-{key}'
     builder = folder_data.FolderDataset(spec=spec, data_dir=os.fspath(data_dir),
                                         file_format='array_record')
   else:
     camvid.find_layout(folder)  # Fail early, naming the folder, if it is not CamVid.
-    data_dir = cache_dir / 'tfds' / folder_fingerprint(folder)
+    data_dir = cache_dir / 'tfds' / folder_fingerprint(folder, cache_dir)
     builder = camvid.CamVid(data_dir=os.fspath(data_dir), file_format='array_record')
   # tfds writes into an `incomplete.*` folder and renames it when done, so an interrupted build
   # is never mistaken for a finished one; an existing finished build is only opened.

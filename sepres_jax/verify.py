@@ -195,7 +195,7 @@ def check_data(data_config, report=sys.stderr) -> None:
   cache_dir = Path(os.path.abspath(os.path.expanduser(data_config.cache_dir)))
   marker = None
   if folder.is_dir() and any(folder.iterdir()):
-    key = input_pipeline.folder_fingerprint(folder)
+    key = input_pipeline.folder_fingerprint(folder, cache_dir)
     if data_config.name == 'folder':
       key += '-' + folder_data.spec_key(folder_data.spec_of(data_config))
     marker = cache_dir / VERIFIED_DIR / key

@@ -576,3 +576,16 @@ def test_real_camvid(tmp_path):
   assert batch['image'].shape == (2, 384, 480, 3) and (batch['label'][:, 360:] == -1).all()
   batch = next(input_pipeline.train_iterator(sources['train'], config, global_batch_size=2, seed=0))
   assert batch['image'].shape == (2, 288, 384, 3)
+
+
+def test_a_cache_inside_the_data_folder_does_not_change_its_fingerprint(tmp_path):
+  data = tmp_path / 'data'
+  (data / 'train').mkdir(parents=True)
+  (data / 'train' / 'a.png').write_bytes(b'x')
+  before = input_pipeline.folder_fingerprint(data, data / 'cache')
+  (data / 'cache' / 'tfds').mkdir(parents=True)
+  (data / 'cache' / 'tfds' / 'built.array_record').write_bytes(b'records')
+  assert input_pipeline.folder_fingerprint(data, data / 'cache') == before
+  assert input_pipeline.folder_fingerprint(data) != before  # Without the exclusion it would move.
+  (data / 'train' / 'b.png').write_bytes(b'y')
+  assert input_pipeline.folder_fingerprint(data, data / 'cache') != before
