@@ -139,7 +139,8 @@ def _synthetic_folder(data_config, cache_dir):
   params = dict(num_train=data_config.synthetic.num_train, num_val=data_config.synthetic.num_val,
                 num_test=data_config.synthetic.num_test, height=data_config.synthetic.height,
                 width=data_config.synthetic.width, seed=data_config.synthetic.get('seed', 0))
-  key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+  key = hashlib.sha256(json.dumps(dict(params, version=synthetic.SCENES_VERSION),
+                                  sort_keys=True).encode()).hexdigest()[:12]
   folder = cache_dir / f'synthetic-{key}'
   if not folder.is_dir():
     # Write beside, then rename: an interrupted run leaves only a tmp folder behind.

@@ -173,7 +173,7 @@ def test_interrupted_build_is_redone(tmp_path, monkeypatch):
   assert info.num_examples == {'train': 4, 'val': 2, 'test': 2}
 
 
-def test_synthetic_name_builds_through_the_builder(tmp_path):
+def test_synthetic_name_builds_through_the_builder(tmp_path, monkeypatch):
   config = data_config(tmp_path / 'cache')
   config.synthetic.update(num_train=5, num_val=2, num_test=2, height=16, width=24)
   sources, info = input_pipeline.load_sources(config)
@@ -183,6 +183,9 @@ def test_synthetic_name_builds_through_the_builder(tmp_path):
   assert len(folders) == 1
   input_pipeline.load_sources(config)
   assert list((tmp_path / 'cache').glob('synthetic-*')) == folders
+  monkeypatch.setattr(synthetic, 'SCENES_VERSION', synthetic.SCENES_VERSION + 1)
+  input_pipeline.load_sources(config)  # Other scenes' code: other scenes, not the cached ones.
+  assert len(list((tmp_path / 'cache').glob('synthetic-*'))) == 2
 
 
 def test_a_build_leaves_no_temporary_folders(tmp_path, monkeypatch):

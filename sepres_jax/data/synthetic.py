@@ -14,6 +14,9 @@ import numpy as np
 
 SKY, BUILDING, POLE, ROAD, SIDEWALK, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST, VOID = range(12)
 _SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
+# Part of the cached scenes' key: raise it when a change here draws other scenes, so that caches
+# written before are not reused.
+SCENES_VERSION = 1
 
 
 def _jitter(rng, base, spread):
