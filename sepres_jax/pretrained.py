@@ -87,7 +87,6 @@ def config_source(run_config: dict, title: str, folder: str) -> str:
 
 def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> dict:
   """Writes out/weights, out/config.py and out/results.json from the run in `workdir`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sepres_jax import models  # pylint: disable=g-import-not-at-top
