@@ -15,21 +15,26 @@ class ConfigError(Exception):
   """A config value that cannot work: a user error, reported as one line."""
 
 
-def _keys(node, prefix=''):
-  for k, v in node.items():
-    if hasattr(v, 'items'):
-      yield from _keys(v, f'{prefix}{k}.')
+def flatten(d, prefix='') -> dict:
+  """{'a.b': value} of a nested dict (or ConfigDict.to_dict())."""
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(flatten(v, key + '.'))
     else:
-      yield f'{prefix}{k}'
+      out[key] = v
+  return out
 
 
 def check_keys(config) -> None:
   """A key configs/default.py lacks (a config file's typo, `ignore_valeu` say) is an error: it
   would be silently ignored while the real field kept its default."""
   from configs import default  # pylint: disable=g-import-not-at-top
-  known = set(_keys(default.get_config()))
+  known = set(flatten(default.get_config().to_dict()))
   known_sections = {k.rsplit('.', 1)[0] for k in known if '.' in k}
-  unknown = sorted(k for k in _keys(config) if k not in known and k not in known_sections)
+  unknown = sorted(k for k in flatten(config.to_dict())
+                   if k not in known and k not in known_sections)
   if unknown:
     raise ConfigError(f'config.{unknown[0]} is not a field of configs/default.py (a typo?)'
                       + (f'; also {", ".join(unknown[1:4])}' if len(unknown) > 1 else ''))

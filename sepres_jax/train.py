@@ -127,6 +127,12 @@ def num_outputs(config) -> int:
   return config.data.num_classes + (0 if config.data.ignore_void else 1)
 
 
+def validation_resizes(config) -> bool:
+  """Whether validation feeds the network images resized to data.image_size (data.eval_resize,
+  or eval.input='resize', scored at native size) rather than native images padded to 32."""
+  return bool(config.data.eval_resize or config.eval.input == 'resize')
+
+
 def scored_classes(config, validation: bool = False) -> int:
   """How many of the outputs the scores count: the real classes (void ignored, the CamVid
   protocol), or void too where it is learned as a class (data.ignore_void=False) and either
@@ -522,8 +528,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   val_batches = functools.partial(
       input_pipeline.eval_batches, sources['val'], config.data,
       global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      resize=config.data.eval_resize or config.eval.input == 'resize',
+      process_count=jax.process_count(), resize=validation_resizes(config),
       native_labels=val_native_labels, multiple=mesh.devices.size)
 
   # --- Model and state -----------------------------------------------------------------------

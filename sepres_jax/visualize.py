@@ -152,7 +152,8 @@ class ValidationPictures:
 
   def __init__(self, config, source, info, apply_fn):
     from sepres_jax import predict  # pylint: disable=g-import-not-at-top
-    resized = config.data.eval_resize or config.eval.input == 'resize'  # As train.py validates.
+    from sepres_jax import train  # pylint: disable=g-import-not-at-top
+    resized = train.validation_resizes(config)
     size = tuple(int(s) for s in config.data.image_size) if resized else None
     self.colors = info.colors
     self.images, self.labels = [], []
