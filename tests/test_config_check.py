@@ -186,14 +186,16 @@ def test_fields_an_older_run_did_not_record_are_not_compared(tmp_path):
   config = _config()
   workdir = _finished_run(tmp_path, config)
   stored = json.loads((tmp_path / 'run' / 'config.json').read_text())
-  del stored['host_keep_memory'], stored['model']['large_conv']
+  # model.head_width is fixed on resume: had it been recorded, its change would be refused.
+  del stored['host_keep_memory'], stored['model']['large_conv'], stored['model']['head_width']
   (tmp_path / 'run' / 'config.json').write_text(json.dumps(stored))
   config.host_keep_memory = not config.host_keep_memory
   config.model.large_conv = 'rows'
-  train.check_resumed_config(config, workdir)
+  config.model.head_width = 2 * config.model.head_width
+  assert train.check_resumed_config(config, workdir) == []
   os.rename(tmp_path / 'run' / 'checkpoints' / '4', tmp_path / 'run' / 'checkpoints' / 'tmp')
   config.best_metric = 'val_loss'  # No checkpoint: a new run, nothing to compare.
-  train.check_resumed_config(config, workdir)
+  assert train.check_resumed_config(config, workdir) == []
 
 
 def test_a_file_where_the_folder_goes_fails_before_the_work(tmp_path):

@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, train_tiny
+from sepres_jax import checkpoints
 from sepres_jax import evaluate
 from sepres_jax import pretrained
 from sepres_jax import train
@@ -96,7 +97,7 @@ def test_resuming_with_another_ema_setting_is_a_one_line_error(tmp_path):
   config, workdir = train_tiny(tmp_path)  # Without an average.
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   config.ema_decay, config.num_epochs = 0.9, 2
-  with pytest.raises(Exception, match='written without a moving average of the weights; resume '
+  with pytest.raises(checkpoints.CheckpointError, match='written without a moving average of the weights; resume '
                                       'with the config.ema_decay it was started with'):
     train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before  # Nothing written.

@@ -66,14 +66,12 @@ def test_stray_argument_is_one_line(tmp_path):
 
 def test_unknown_config_key_is_one_line(tmp_path):
   out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.data.no_such_key=3', timeout=120)
-  assert out.returncode != 0
-  assert 'no_such_key' in out.stderr and 'Traceback' not in out.stderr
+  assert one_error_line(out).startswith("error: unknown config key '--config.data.no_such_key'")
 
 
 def test_wrong_type_is_one_line(tmp_path):
   out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.batch_size=eight', timeout=120)
-  assert out.returncode != 0
-  assert 'batch_size' in out.stderr and 'Traceback' not in out.stderr
+  assert one_error_line(out).startswith("error: flag --config.batch_size=eight: invalid literal")
 
 
 @pytest.mark.parametrize('field', ['impl', 'large_conv'])
@@ -98,4 +96,4 @@ def test_missing_data_folder_is_one_line(tmp_path):
 
 def test_evaluate_without_checkpoint_is_one_line(tmp_path):
   out = _main(tmp_path / 'run', tmp_path / 'cache', '--mode=evaluate', timeout=300)
-  assert out.returncode == 1 and 'no checkpoint' in out.stderr and 'Traceback' not in out.stderr
+  assert 'no checkpoint' in one_error_line(out)

@@ -58,7 +58,8 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     np.testing.assert_allclose(two[0][k], ref[0][k], rtol=2e-4, err_msg=k)
   step_losses = lambda err: [l.split('loss ')[1].split()[0] for l in err.splitlines()
                              if 'epoch 1/' in l and ' loss ' in l]
-  assert step_losses(outs[0][1]) == step_losses(single.stderr)[:4]
+  losses = step_losses(outs[0][1])
+  assert len(losses) == 4 and losses == step_losses(single.stderr)[:4]
 
   # The two-process checkpoint resumes in one process.
   resumed = subprocess.run(_cmd(workdir, cache, '--config.num_epochs=2'), cwd=ROOT, env=env,

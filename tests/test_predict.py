@@ -89,6 +89,7 @@ def test_prediction_equals_evaluation_path(trained, tmp_path, mode):
   ids = np.asarray(Image.open(tmp_path / (os.path.splitext(name)[0] + '.png')))
   h, w = ids.shape
   assert (h, w) == (config.data.synthetic.height, config.data.synthetic.width)
+  assert len(np.unique(ids)) > 1  # Not a constant map, which any two paths would agree on.
   np.testing.assert_array_equal(ids, per_example['pred'][k][:h, :w])
 
 
