@@ -48,7 +48,7 @@ def get_config():
   config.data.random_flip = False  # Random horizontal flips of training examples (augmentation).
   config.data.num_classes = 11  # Real classes; the void label is num_classes.
   config.data.ignore_void = True  # Ignore void in loss and metrics; False predicts it as a class.
-  config.data.class_weights = ''  # '', 'median_frequency', or comma-separated floats.
+  config.data.class_weights = ''  # '', 'median_frequency', 'inverse_log', or comma floats.
   config.data.num_workers = 0  # grain worker processes (0: threads in the main process).
   config.data.num_threads = 2  # grain reader threads.
   config.data.prefetch = 4  # Batches prefetched ahead of the train step.

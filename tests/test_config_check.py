@@ -232,3 +232,17 @@ def test_a_misspelled_key_in_a_config_file_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=300)
   err = one_error_line(out)
   assert 'config.data.folder.ignore_valeu is not a field of configs/default.py' in err, err
+
+
+def test_readme_documents_every_config_field():
+  """Each field of configs/default.py is named in README.md: `key`, --config.key or its `group.*`."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  readme = (ROOT / 'README.md').read_text()
+  def named(key):
+    parts = key.split('.')
+    groups = ['`' + '.'.join(parts[:i]) + '.*`' for i in range(1, len(parts))]
+    return (f'`{key}`' in readme or f'`{key}=' in readme or f'--config.{key}=' in readme
+            or any(g in readme for g in groups))
+  keys = config_check.flatten(default.get_config().to_dict())
+  assert len(keys) > 100
+  assert [k for k in keys if not named(k)] == []
