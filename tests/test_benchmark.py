@@ -1,6 +1,7 @@
 """--mode=benchmark: its JSON line, and the per-layer profile it can print."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -118,3 +119,21 @@ def test_benchmark_flops_per_image_do_not_depend_on_the_device_count(tmp_path):
   _, two = _benchmark(tmp_path, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   assert (one['devices'], two['devices']) == (1, 2)
   assert two['train_gflops_per_image'] == pytest.approx(one['train_gflops_per_image'], rel=0.05)
+
+
+def test_step_flops_fall_back_to_the_unoptimised_count():
+  """A compiled module that hides its products in library calls (GPU) is not taken at its word."""
+  from sepres_jax import benchmark  # pylint: disable=g-import-not-at-top
+  class Cost:
+    def __init__(self, flops):
+      self.flops = flops
+
+    def cost_analysis(self):
+      return None if self.flops is None else [{'flops': self.flops}]
+
+  assert benchmark._step_flops(Cost(5e9), Cost(5.9e9)) == (5e9, 'compiled', 5.9e9)
+  assert benchmark._step_flops(Cost(1e6), Cost(5.9e9)) == (5.9e9, 'hlo', 5.9e9)
+  assert benchmark._step_flops(Cost(-1.0), Cost(5.9e9)) == (5.9e9, 'hlo', 5.9e9)
+  assert benchmark._step_flops(Cost(None), Cost(5.9e9)) == (5.9e9, 'hlo', 5.9e9)
+  got = benchmark._step_flops(Cost(5e9), Cost(None))  # No unoptimised count: the compiled one.
+  assert got[:2] == (5e9, 'compiled') and math.isnan(got[2])
