@@ -85,12 +85,16 @@ def write(config, model, variables, origin: str, out_dir: str) -> dict:
     net = model.clone(impl=impl)
     return lambda v, x: models.averaged_logits(net.apply, v, x, flip, scales)
 
+  # native_cpu's forward pass is fast_cpu's numbers with compiled calls (the stem's output and the
+  # pools written out) that an exported function cannot hold: fast_cpu is exported for it.
+  impl = 'fast_cpu' if config.model.impl == 'native_cpu' else config.model.impl
+
   def fn(weights, images):
     v = jax.tree_util.tree_unflatten(treedef, weights)
-    if config.model.impl == 'auto':
+    if impl == 'auto':
       return jax.lax.platform_dependent(v, images, cpu=logits_fn('fast_cpu'),
                                         default=logits_fn('xla'))
-    return logits_fn(config.model.impl)(v, images)
+    return logits_fn(impl)(v, images)
 
   h, w = (int(s) for s in config.data.image_size)
   shape = f'b, {h}, {w}, 3' if mode == 'resize' else 'b, 32*h, 32*w, 3'  # Symbolic b (h, w).

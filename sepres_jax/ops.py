@@ -2,9 +2,10 @@
 
 `xla` is the textbook form (lax convolutions, reduce_window pooling). `fast_cpu` computes the same
 function as shifted multiply-adds and matrix products, whose forward and backward passes XLA's CPU
-backend runs many times faster (see ARCHITECTURE.md, "Where the time goes"). `native_cpu` is
+backend runs many times faster (see README.md, "Speed on this CPU"). `native_cpu` is
 fast_cpu with the backward passes of the depthwise convolutions and of the stem's kernel in
-compiled C++ kernels (sepres_jax/native.py); its forward pass is fast_cpu's, to the bit. Both
+compiled C++ kernels (sepres_jax/native.py); its forward pass gives fast_cpu's numbers, to the
+bit (with compiled calls that write the stem's output and the pools' residual out). Both
 CPU forms train BatchNorm with its activation through `batch_norm_act`, whose gradient is written
 out. All forms take the same parameters, so checkpoints are interchangeable; tests/test_ops.py
 checks values and gradients agree.

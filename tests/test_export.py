@@ -208,3 +208,19 @@ def test_failed_export_leaves_the_earlier_one_whole(exports, monkeypatch):
   with pytest.raises(OSError, match='No space left'):
     export.write(config, model, _weights_tree(folder), 'other weights', folder)
   assert {n: (Path(folder) / n).read_bytes() for n in os.listdir(folder)} == before
+
+
+def test_native_cpu_impl_exports_fast_cpu_forward(exports, tmp_path):
+  """model.impl=native_cpu: its compiled calls cannot be exported; its forward pass is fast_cpu's
+  numbers, so the export holds that form and gives the same labels as the default export."""
+  config = exports['config'].copy_and_resolve_references()
+  config.predict.resize = 'native'
+  config.model.impl = 'native_cpu'
+  variables = _weights_tree(exports['exports']['native'])
+  model = models.create_model(config, train.num_outputs(config))
+  export.write(config, model, variables, 'test weights', str(tmp_path / 'native_cpu'))
+  rgb = np.random.default_rng(1).integers(0, 256, (40, 56, 3), np.uint8)
+  want = exported.load(exports['exports']['native']).predict([rgb])
+  got = exported.load(str(tmp_path / 'native_cpu')).predict([rgb])
+  assert len(np.unique(want[0])) > 1
+  np.testing.assert_array_equal(got[0], want[0])
