@@ -15,7 +15,8 @@ printed is one JSON object.
 101 validation images of 224x224 held in memory (random here; CamVid's sizes and the official
 split), batch 32, shuffled, validation at the end of each epoch; it prints every epoch's seconds
 and `fit_epoch_seconds`, the median of epochs 2..N (the first compiles), to set beside
-`main.py --config=configs/seed.py --config.data.split=official`'s epoch_time.
+`main.py --config=configs/seed.py --workdir=DIR --config.data.manual_dir=CamVid
+--config.data.split=official`'s epoch_time.
 """
 
 import json

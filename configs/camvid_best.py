@@ -23,7 +23,8 @@ like the fifth from its weights with the Lovasz loss weighted 3, `--config.init_
 5, `--config.init_from=RUN6 --config.lovasz_weight=5.0` (val +0.006, test -0.5), then an eighth
 like the seventh from its weights with a context module, `--config.init_from=RUN7
 --config.model.context=128`, a ninth from those adding a refinement decoder,
-`--config.init_from=RUN8 --config.model.refine=32` (each +0.002 val, test not read), and a tenth
+`--config.init_from=RUN8 --config.model.refine=32` (each within +0.002 of the seventh's val,
+test not read), and a tenth
 from those at twice the rate over 36 epochs, `--config.init_from=RUN9 --config.num_epochs=36
 --config.learning_rate=6e-4` (val +0.016 over the ninth, test -0.4 against the seventh), then
 an eleventh like the tenth from its weights on exactly resized labels and a twelfth from those,

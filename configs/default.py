@@ -25,7 +25,7 @@ def get_config():
   # the host takes them back and refills them slowly (1-2 s stalls every few steps with
   # model.large_conv's Fourier form). Costs peak memory (seed config: 5.9 against 3.5 GB).
   config.host_keep_memory = True
-  config.init_from = ''  # Checkpoint or pretrained/<name> folder to initialise weights from.
+  config.init_from = ''  # Run or pretrained/<name> to start from (evaluate/predict/export: use).
   config.log_every_steps = 10  # Progress line and train scalars every this many steps.
   config.checkpoint_every_steps = 0  # Extra checkpoints inside an epoch (0: end of epoch only).
 
@@ -121,7 +121,7 @@ def get_config():
   config.end_factor = 0.0  # Final multiplier of 'cosine' and 'polynomial'.
   config.poly_power = 0.9  # Exponent of 'polynomial' (0.9: the 'poly' rule of DeepLab).
   config.plateau = ml_collections.ConfigDict()
-  config.plateau.monitor = 'val_miou'  # Any key of history.json, e.g. val_loss, val_accuracy.
+  config.plateau.monitor = 'val_miou'  # config_check.HISTORY_METRICS: val_loss, val_accuracy...
   config.plateau.factor = 0.1
   config.plateau.patience = 5
   config.plateau.cooldown = 0

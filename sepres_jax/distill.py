@@ -8,7 +8,7 @@ averaged over `distill.flip` and `distill.scales` (a teacher with test-time augm
 one forward pass of the student then learns to match). The probabilities are kept as uint8 per
 pixel and class (11 bytes a pixel for CamVid: 0.7 GB for its 367 training images) and go through
 the same scale, crop and flip as the labels. The loss adds `weight` times the cross-entropy of the student's
-softmax against them, over the pixels the labels count (void and crop padding excluded).
+softmax against them, over the pixels the labels count (crop padding excluded, and void where it is ignored).
 
 Only training images are predicted, so the protocol holds: val/ still selects, test/ only reports.
 With `distill.cache` (default on) the targets are kept in `<workdir>/distill_targets.npz` (zlib;

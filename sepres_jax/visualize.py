@@ -4,10 +4,11 @@
   'data'   for `visualize.num_images` images of `visualize.split` (spread evenly over it) into
            <workdir>/pictures/data/<split>/: <stem>_masks.png (one binary mask per class),
            <stem>_labels.png (image beside its coloured label map), <stem>_resize.png (image and
-           label before and after the resize to data.image_size that training applies), then
+           label before and after the plain resize to data.image_size: training without crops, and
+           resized validation), then
            class_frequencies.png (pixel share of every class over the whole split) and legend.png;
   'curves' <workdir>/pictures/training_curves.png from <workdir>/history.json (also drawn at the
-           end of every training run);
+           end of every training run that completes, stopped early or not);
   'all'    both, the curves only when history.json exists.
 Training writes `visualize.num_tensorboard_images` fixed validation images with their predictions
 to TensorBoard each epoch (`ValidationPictures`); evaluation draws IoU bars, the confusion matrix
