@@ -388,6 +388,13 @@ class _TrainBatch:
     return batch
 
 
+def check_one_batch(num_examples: int, global_batch_size: int) -> None:
+  """DataError when the training split holds fewer examples than one batch."""
+  if steps_per_epoch(num_examples, global_batch_size) == 0:
+    raise DataError(f'{num_examples} training examples, fewer than one batch (config.batch_size='
+                    f'{global_batch_size})')
+
+
 def train_iterator(source, data_config, *, global_batch_size, seed, process_index=0,
                    process_count=1, start_step=0):
   """Infinite grain iterator of training batches, reshuffled every epoch, from `start_step` on.
@@ -399,9 +406,7 @@ def train_iterator(source, data_config, *, global_batch_size, seed, process_inde
   with any number of workers or processes.
   """
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
-  if steps_per_epoch(len(source), global_batch_size) == 0:
-    raise DataError(f'{len(source)} training examples, fewer than one batch (config.batch_size='
-                    f'{global_batch_size})')
+  check_one_batch(len(source), global_batch_size)
   ds = (grain.MapDataset.range(len(source))
         .shuffle(seed=seed)
         .batch(global_batch_size, drop_remainder=True)
@@ -519,7 +524,10 @@ def even_batch_size(num_examples: int, max_batch: int, multiple: int = 1) -> int
 
 def eval_batches(source, data_config, *, global_batch_size, process_index=0, process_count=1,
                  resize=None, native_labels=False, multiple=1):
-  """Finite iterator over the whole split in order, the last global batch padded.
+  """Finite iterator over the whole split, the last batch of each shape padded.
+
+  In the split's order when every example has one padded shape (CamVid); otherwise shape by shape
+  (`eval_plan`), each batch's 'index' saying which examples it holds.
 
   `global_batch_size` is the largest batch: the split takes as many batches as it needs at that
   size, evened out to the smallest size (a multiple of `multiple` and of `process_count`) that

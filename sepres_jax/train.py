@@ -10,6 +10,7 @@ import functools
 import json
 import errno
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -519,6 +520,8 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
   check_batch_sizes(config, mesh)
   verify.check_data(config.data)  # Every problem of the folder listed, once, before building.
   sources, info = input_pipeline.load_sources(config.data)
+  # Before the teacher, the model and the run's folders: a split smaller than one batch.
+  input_pipeline.check_one_batch(len(sources['train']), config.batch_size)
   # Distillation: the teacher's predictions of the training images join them as soft targets.
   train_source = distill.with_teacher(config, sources['train'], mesh, workdir)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(sources['train']), config.batch_size)
@@ -575,7 +578,9 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       while os.path.exists(kept):  # A start that changed the config and saved no step: keep both.
         n += 1
         kept = os.path.join(workdir, f'config.until_step{latest}.{n}.json')
-      os.replace(os.path.join(workdir, 'config.json'), kept)
+      # A copy, then the atomic write: a kill between them leaves config.json (the old one), so
+      # the next start still compares with it.
+      shutil.copyfile(os.path.join(workdir, 'config.json'), kept)
       logging.info('Resumed with %s; the config of steps 1-%d is now %s',
                    '; '.join(config_changes), latest, kept)
     _write_json_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
@@ -709,10 +714,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       checkpoints.wait(manager)
       raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '
                      f'good checkpoint in {workdir} is intact')
-    best_so_far = _best_value(history, config.best_metric)
-    # A tie counts: orbax keeps the latest of equal checkpoints as the best.
-    record['best'] = best_so_far is None or not _better(
-        config.best_metric, best_so_far, record[config.best_metric])
+    record['best'] = _is_best(history, config.best_metric, record[config.best_metric])
     lr_cut, early_stop = rules.update(record)
     record['lr_cut'] = lr_cut
     history.append(record)
@@ -762,9 +764,22 @@ def _better(name, a, b) -> bool:
   return a < b if checkpoints.metric_mode(name) == 'min' else a > b
 
 
+def _is_best(history, name, value) -> bool:
+  """Whether an epoch's `value` of `name` is the best so far, as history.json marks it.
+
+  A tie counts (orbax keeps the latest of equal checkpoints as the best); NaN (a metric with
+  nothing to score) never does, nor does it hide a later epoch's value.
+  """
+  best_so_far = _best_value(history, name)
+  return bool(np.isfinite(value)) and (best_so_far is None or
+                                       not _better(name, best_so_far, value))
+
+
 def _best_value(history, name):
   best = None
   for r in history:
+    if not np.isfinite(r[name]):
+      continue
     if best is None or _better(name, r[name], best):
       best = r[name]
   return best

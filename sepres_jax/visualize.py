@@ -198,9 +198,10 @@ class PanelPicker:
     if not self.n or not np.isfinite(score):
       return
     item = (-score, index, np.array(prediction))  # A copy: the batch buffer is reused.
-    if not self.worst_first:
-      if len(self._kept) < self.n:
-        self._kept.append(item)
+    if not self.worst_first:  # The split's first n, in whatever order the batches come.
+      self._kept.append(item)
+      if len(self._kept) > self.n:
+        self._kept.remove(max(self._kept, key=lambda t: t[1]))
     elif len(self._kept) < self.n:
       heapq.heappush(self._kept, item)
     elif score < -self._kept[0][0]:

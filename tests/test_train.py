@@ -17,6 +17,7 @@ from sepres_jax import checkpoints
 from sepres_jax import input_pipeline
 from sepres_jax import metrics
 from sepres_jax import train
+from sepres_jax.data.camvid import DataError
 
 
 def _batch(config, n, seed=0):
@@ -347,3 +348,27 @@ def test_resume_on_other_training_data_is_refused(tmp_path, monkeypatch):
   with pytest.raises(train.RunError, match='was trained on .* training images, and'):
     train.train_and_evaluate(config, workdir)
   assert len(json.loads((Path(workdir) / 'history.json').read_text())) == 1
+
+
+def test_best_mark_takes_ties_and_never_nan():
+  """history.json's 'best': a tie counts (orbax keeps the latest of equal checkpoints); NaN (a
+  metric with nothing to score) is never best and does not hide later values."""
+  nan = float('nan')
+  history = [{'val_miou': nan}]
+  assert not train._is_best([], 'val_miou', nan)
+  assert train._is_best(history, 'val_miou', 0.3)  # Before: NaN stayed the 'best so far'.
+  history.append({'val_miou': 0.3})
+  assert train._is_best(history, 'val_miou', 0.3)  # A tie.
+  assert not train._is_best(history, 'val_miou', 0.2)
+  assert not train._is_best(history, 'val_miou', nan)  # Before: NaN compared False, so best.
+  assert train._is_best([{'val_loss': 0.5}], 'val_loss', 0.4)
+  assert not train._is_best([{'val_loss': 0.5}], 'val_loss', 0.6)
+
+
+def test_fewer_training_images_than_a_batch_fail_before_the_run_folder(tiny_config, tmp_path):
+  tiny_config.data.synthetic.num_train = 3
+  tiny_config.batch_size = 4
+  workdir = tmp_path / 'run'
+  with pytest.raises(DataError, match=r'3 training examples, fewer than one batch'):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert not workdir.exists()  # Before: workdir/checkpoints was made, and the model compiled.
