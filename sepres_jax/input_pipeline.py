@@ -124,7 +124,7 @@ def folder_fingerprint(folder, exclude=None):
   """
   folder = Path(folder).resolve()
   exclude = Path(exclude).resolve() if exclude is not None else None
-  h = hashlib.sha256(f'{camvid.CamVid.VERSION}\0{folder}\0'.encode())
+  h = hashlib.sha256(f'{camvid.CamVid.VERSION}\0{camvid.RECORDS_VERSION}\0{folder}\0'.encode())
   for root, dirs, files in os.walk(folder):
     dirs[:] = sorted(d for d in dirs if exclude is None or (Path(root) / d).resolve() != exclude)
     for name in sorted(files):

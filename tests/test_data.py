@@ -592,3 +592,13 @@ def test_a_cache_inside_the_data_folder_does_not_change_its_fingerprint(tmp_path
   assert input_pipeline.folder_fingerprint(data) != before  # Without the exclusion it would move.
   (data / 'train' / 'b.png').write_bytes(b'y')
   assert input_pipeline.folder_fingerprint(data, data / 'cache') != before
+
+
+def test_the_records_version_is_part_of_the_fingerprint(tmp_path, monkeypatch):
+  """Records stored another way (camvid.RECORDS_VERSION raised) are not read from an old cache."""
+  (tmp_path / 'train').mkdir()
+  (tmp_path / 'train' / 'a.png').write_bytes(b'x')
+  before = input_pipeline.folder_fingerprint(tmp_path)
+  assert input_pipeline.folder_fingerprint(tmp_path) == before
+  monkeypatch.setattr(camvid, 'RECORDS_VERSION', camvid.RECORDS_VERSION + 1)
+  assert input_pipeline.folder_fingerprint(tmp_path) != before

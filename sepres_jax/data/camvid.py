@@ -126,6 +126,12 @@ def single_channel(arr, path, colour_error: str):
   return channels[..., 0]
 
 
+# Part of every folder's cache key: raise it when a change here stores other records, so that
+# caches written before are rebuilt. 2: RGB PNGs with a transparency colour stored converted
+# (2026-12-05; before, stored as they were, they decoded to 4 channels).
+RECORDS_VERSION = 2
+
+
 def stored_image(img, path):
   """The image as the tfds feature stores it: the file itself where the decoder (cv2
   IMREAD_UNCHANGED) gives 8-bit RGB from it (JPEG, or an 8-bit RGB PNG without a transparency
