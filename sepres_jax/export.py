@@ -10,6 +10,7 @@ The weights come from where `--mode=predict` takes them (the workdir's best chec
 `sepres_jax/exported.py` loads the folder and gives the same labels as `--mode=predict`.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -135,11 +136,18 @@ def write(config, model, variables, origin: str, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     # Written into a temporary folder first, then renamed into place: a failure while writing
     # (a full disk, a kill) leaves an earlier export in `out_dir` whole, not half replaced.
+    # The three files are renamed one by one, meta.json last; it records the others' digests, so
+    # a folder left with files of two exports (a kill between the renames) fails to load, naming
+    # the file, instead of running one export's function with the other's weights.
+    for stale in glob.glob(os.path.join(out_dir, '.export-*')):  # Left by a killed export.
+      shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix='.export-', dir=out_dir)
     try:
       with open(os.path.join(tmp, exported.MODEL_FILE), 'wb') as f:
         f.write(artifact.serialize())
       np.savez(os.path.join(tmp, exported.WEIGHTS_FILE), **dict(zip(names, leaves)))
+      meta['sha256'] = {name: exported.file_digest(os.path.join(tmp, name))
+                        for name in (exported.MODEL_FILE, exported.WEIGHTS_FILE)}
       with open(os.path.join(tmp, exported.META_FILE), 'w') as f:
         json.dump(meta, f, indent=1)
       for name in (exported.MODEL_FILE, exported.WEIGHTS_FILE, exported.META_FILE):

@@ -15,6 +15,7 @@ The labels equal `--mode=predict`'s for the same images: the images go through t
 padding) and the logits through the same jax functions.
 """
 
+import hashlib
 import json
 import os
 
@@ -42,6 +43,11 @@ class Model:
       self.meta = meta = json.load(f)
     if meta.get('format') != FORMAT or meta.get('version') != VERSION:
       raise ValueError(f'{folder}: not a {FORMAT} folder of version {VERSION}')
+    for name, digest in meta.get('sha256', {}).items():  # Absent from exports before 2026-12-05.
+      if file_digest(os.path.join(folder, name)) != digest:
+        raise ValueError(f'{os.path.join(folder, name)} is not the file {META_FILE} was written '
+                         'with (an export stopped between its files, or a file was replaced): '
+                         'export again')
     with open(os.path.join(folder, MODEL_FILE), 'rb') as f:
       self.exported = jax.export.deserialize(bytearray(f.read()))
     self.platforms = tuple(self.exported.platforms)
@@ -114,6 +120,15 @@ class Model:
     void = (ids < 0) | (ids >= len(self.colors) - 1)
     out[void] = rgb[void]
     return out
+
+
+def file_digest(path: str) -> str:
+  """SHA-256 of a file, hex."""
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      h.update(block)
+  return h.hexdigest()
 
 
 def load(folder: str) -> Model:

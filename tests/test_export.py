@@ -4,6 +4,7 @@ import glob
 import json
 import os
 from pathlib import Path
+import shutil
 import subprocess
 import sys
 
@@ -224,3 +225,25 @@ def test_native_cpu_impl_exports_fast_cpu_forward(exports, tmp_path):
   got = exported.load(str(tmp_path / 'native_cpu')).predict([rgb])
   assert len(np.unique(want[0])) > 1
   np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_files_of_two_exports_do_not_load(exports, tmp_path):
+  """A kill between the renames leaves one export's model.jax beside another's meta.json: the
+  digests in meta.json make that a one-line error instead of the wrong weights' function."""
+  mixed = tmp_path / 'mixed'
+  shutil.copytree(exports['exports']['native'], mixed)
+  assert exported.load(str(mixed)).meta['sha256'].keys() == {'model.jax', 'weights.npz'}
+  shutil.copyfile(Path(exports['exports']['resize']) / 'model.jax', mixed / 'model.jax')
+  with pytest.raises(ValueError, match=r'mixed/model\.jax is not the file meta\.json was written'):
+    exported.load(str(mixed))
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next(exports, tmp_path):
+  out = tmp_path / 'out'
+  (out / '.export-killed').mkdir(parents=True)
+  (out / '.export-killed' / 'model.jax').write_bytes(b'half')
+  config = exports['config'].copy_and_resolve_references()
+  config.predict.resize = 'native'
+  model = models.create_model(config, train.num_outputs(config))
+  export.write(config, model, _weights_tree(exports['exports']['native']), 'w', str(out))
+  assert sorted(os.listdir(out)) == ['meta.json', 'model.jax', 'weights.npz']
