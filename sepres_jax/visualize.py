@@ -148,7 +148,8 @@ class ValidationPictures:
 
   The images are preprocessed as validation feeds them to the network (resized to
   data.image_size with data.eval_resize or eval.input='resize', else native padded to a multiple
-  of 32), stacked once into one batch: the forward pass compiles once, at that shape.
+  of 32, each its own, as validation pads it), stacked once into one batch per padded shape: the
+  forward pass compiles once per shape (once for CamVid).
   """
 
   def __init__(self, config, source, info, apply_fn):
@@ -162,11 +163,11 @@ class ValidationPictures:
       example = source[i]
       self.images.append(input_pipeline.preprocess_image(example['image'], config.data, size))
       self.labels.append(input_pipeline.preprocess_label(example['label'], size))
-    if self.images:
-      h = max(im.shape[0] for im in self.images)
-      w = max(im.shape[1] for im in self.images)
-      self.batch = np.stack([predict.pad_to_multiple(np.pad(
-          im, ((0, h - im.shape[0]), (0, w - im.shape[1]), (0, 0)))) for im in self.images])
+    groups = {}  # Padded shape -> indices of the images padded to it.
+    for k, im in enumerate(self.images):
+      groups.setdefault(predict.pad_to_multiple(im).shape, []).append(k)
+    self.batches = [(members, np.stack([predict.pad_to_multiple(self.images[k]) for k in members]))
+                    for members in groups.values()]
     self.forward = predict.Forward(apply_fn)
 
   def __len__(self):
@@ -176,10 +177,13 @@ class ValidationPictures:
     if not self.images:
       return
     self.forward.load({'params': state.params, 'batch_stats': state.batch_stats})
-    ids = self.forward.class_ids(self.forward.logits(self.batch))
+    ids = {}
+    for members, batch in self.batches:
+      for k, pred in zip(members, self.forward.class_ids(self.forward.logits(batch))):
+        ids[k] = pred
     for k, (image, label) in enumerate(zip(self.images, self.labels)):
       h, w = label.shape
-      strip = drawing.prediction_strip(image, ids[k, :h, :w], label, self.colors)
+      strip = drawing.prediction_strip(image, ids[k][:h, :w], label, self.colors)
       writer.add_image(f'val_predictions/{k}', strip, epoch, dataformats='HWC')
 
 

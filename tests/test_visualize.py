@@ -130,4 +130,19 @@ def test_tensorboard_pictures_see_what_validation_feeds(tiny_config, eval_resize
   info = type('Info', (), {'colors': np.zeros((13, 3), np.uint8)})()
   pictures = visualize.ValidationPictures(c, source, info, apply_fn=None)
   expected = tuple(c.data.image_size) if resized else (64, 96)
-  assert pictures.batch.shape[1:3] == expected and len(pictures) == 2
+  [(members, batch)] = pictures.batches
+  assert batch.shape[1:3] == expected and members == [0, 1] and len(pictures) == 2
+
+
+def test_tensorboard_pictures_pad_each_image_as_validation_does(tiny_config):
+  """Native validation pads each image to its own multiple of 32 (input_pipeline.eval_plan), not
+  to the largest pictured one: images of two padded sizes go into two batches."""
+  c = tiny_config
+  c.data.eval_resize, c.eval.input, c.visualize.num_tensorboard_images = False, 'native', 3
+  sizes = [(40, 72), (100, 72), (50, 80)]
+  source = [{'image': np.zeros((*hw, 3), np.uint8), 'label': np.zeros((*hw, 1), np.uint8)}
+            for hw in sizes]
+  info = type('Info', (), {'colors': np.zeros((13, 3), np.uint8)})()
+  pictures = visualize.ValidationPictures(c, source, info, apply_fn=None)
+  got = sorted((members, batch.shape[1:3]) for members, batch in pictures.batches)
+  assert got == [([0, 2], (64, 96)), ([1], (128, 96))]  # Before: one batch, all at 128x96.
