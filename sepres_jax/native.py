@@ -6,10 +6,10 @@ streams the arrays from memory once per tap. `model.impl='native_cpu'` calls the
 the XLA FFI (`jax.ffi.ffi_call`); its forward pass gives fast_cpu's numbers (with `materialize`
 calls, below), so inference and evaluation are unchanged, and `--mode=export` exports fast_cpu
 for it (an exported function cannot hold these calls). `model.impl='auto'` takes native_cpu on
-CPU when the kernels build, and fast_cpu when they do not (no compiler): `available()` says which and why. With native_cpu the
-Lovasz-softmax loss (`lovasz_weight`) is also compiled: its loss and gradient in two passes per
-image, where XLA's histogram form made many (2.8x faster alone, the shipped network's train step
-1.07-1.08x; benchmarks/lovasz_ab.py). `materialize` is the identity as a call XLA cannot fuse
+CPU when the kernels build, and fast_cpu when they do not (no compiler): `available()` says which
+and why. With native_cpu the Lovasz-softmax loss (`lovasz_weight`) is also compiled: its loss
+and gradient in two passes per image, where XLA's histogram form made many (2.8x faster alone,
+the shipped network's train step 1.07-1.08x; benchmarks/lovasz_ab.py). `materialize` is the identity as a call XLA cannot fuse
 through: the max-pools' int8 residual is written in the forward pass instead of recomputed, with
 the layers before it, in the backward pass.
 

@@ -163,10 +163,11 @@ class ValidationPictures:
       example = source[i]
       self.images.append(input_pipeline.preprocess_image(example['image'], config.data, size))
       self.labels.append(input_pipeline.preprocess_label(example['label'], size))
+    padded = [predict.pad_to_multiple(im) for im in self.images]
     groups = {}  # Padded shape -> indices of the images padded to it.
-    for k, im in enumerate(self.images):
-      groups.setdefault(predict.pad_to_multiple(im).shape, []).append(k)
-    self.batches = [(members, np.stack([predict.pad_to_multiple(self.images[k]) for k in members]))
+    for k, im in enumerate(padded):
+      groups.setdefault(im.shape, []).append(k)
+    self.batches = [(members, np.stack([padded[k] for k in members]))
                     for members in groups.values()]
     self.forward = predict.Forward(apply_fn)
 
