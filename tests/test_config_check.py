@@ -22,10 +22,17 @@ def _config(name='configs/test.py'):
   return module.get_config()
 
 
-@pytest.mark.parametrize('name', ['configs/default.py', 'configs/seed.py', 'configs/camvid_best.py',
-                                  'configs/custom.py', 'configs/demo.py', 'configs/gpu.py',
-                                  'configs/test.py',
-                                  'pretrained/camvid_sepres_w192_h512/config.py'])
+SHIPPED_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / 'configs').glob('*.py'),
+                                                             *(ROOT / 'pretrained').glob('*/config.py')]
+                         if p.name != '__init__.py')
+
+
+def test_the_shipped_configs_are_found():
+  assert {'configs/camvid_best.py', 'configs/camvid_crops.py', 'configs/seed.py',
+          'pretrained/camvid_sepres_w192_h512/config.py'} <= set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize('name', SHIPPED_CONFIGS)
 def test_every_shipped_config_passes(name):
   config = _config(name)
   for mode in MODES:
