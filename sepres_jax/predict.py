@@ -9,7 +9,9 @@ more, so a pixel whose two best classes tie to rounding can differ with the batc
 Grey, RGB, RGBA (alpha dropped), palette and 16-bit PNGs, JPEGs (EXIF orientation applied) and
 anything else PIL reads are accepted. Per input `<stem>`, the output folder gets `<stem>.png`
 (class ids, uint8, the input's height and width), `<stem>_color.png` and `<stem>_overlay.png`
-(`output_stems` numbers an input whose names another input's outputs take).
+(`output_stems` numbers an input whose names another input's outputs take). An output never
+replaces an input, nor a file predict did not write: the folder is marked with `MARKER` at its
+first output, and an unmarked folder holding a file of an output's name is refused.
 Videos (by suffix, or files PIL cannot read that OpenCV decodes) are predicted frame by frame into
 `<stem>_overlay.mp4` and, with `predict.save_frames`, `<stem>_frames/` (see sepres_jax/video.py).
 """
@@ -142,14 +144,17 @@ def output_stems(paths) -> list[str]:
 
   Two inputs share a stem (a.jpg, a.png), or one's stem is another's output name (x.png writes
   x_color.png, which is also x_color.png's own id map): the later one is numbered, with a number
-  no other input's name already takes (compared without case, as some file systems do).
+  no other input's name already takes (compared without case, as some file systems do): with
+  a.jpg, a.png and a_2.png, a.png writes a_3.png.
   """
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  inputs = {stem.casefold() for stem in stems}
   taken = set()
   out = []
   for stem in stems:
     name, n = stem, 1
-    while any((name + s).casefold() in taken for s in OUTPUT_SUFFIXES):
+    while (any((name + s).casefold() in taken for s in OUTPUT_SUFFIXES)
+           or (name != stem and name.casefold() in inputs)):
       n += 1
       name = f'{stem}_{n}'
     taken.update((name + s).casefold() for s in OUTPUT_SUFFIXES)
@@ -157,19 +162,48 @@ def output_stems(paths) -> list[str]:
   return out
 
 
+def output_names(stem) -> list[str]:
+  """The files and folder one input may write into the output folder."""
+  return ([f'{stem}.png', f'{stem}_color.png', f'{stem}_overlay.png', f'{stem}_frames']
+          + [f'{stem}_overlay{suffix}' for _, suffix in video.CODECS])
+
+
+# Written into an output folder with its first output: files there that an output would replace
+# are predict's own (an earlier run's), so a later run may replace them.
+MARKER = '.sepres-predictions'
+
+
 def check_inputs_kept(paths, stems, out_dir) -> None:
-  """Refuses an output folder where an output file would replace one of the inputs."""
+  """Refuses an output folder where an output would replace an input or a file predict did not
+  write (e.g. --config.predict.output naming a folder of ground-truth labels)."""
   outputs = {}
   for path, stem in zip(paths, stems):
-    names = [f'{stem}.png', f'{stem}_color.png', f'{stem}_overlay.png']
-    names += [f'{stem}_overlay{suffix}' for _, suffix in video.CODECS]
-    for name in names:
+    for name in output_names(stem):
       outputs[os.path.realpath(os.path.join(out_dir, name))] = path
   for path in paths:
     if os.path.realpath(path) in outputs:
       raise train.RunError(
           f'{path}: predicting into {out_dir} would overwrite this input with the output of '
           f'{outputs[os.path.realpath(path)]}; set --config.predict.output to another folder')
+  if os.path.exists(os.path.join(out_dir, MARKER)):
+    return
+  for output, path in outputs.items():
+    if os.path.lexists(output):
+      raise train.RunError(
+          f'{output}: predicting {path} into {out_dir} would replace this, which --mode=predict '
+          f'did not write (the folder has no {MARKER} file); set --config.predict.output to '
+          'another folder')
+
+
+def claim_output(out_dir) -> None:
+  """Creates the output folder (at the first output, so a run that reads nothing leaves nothing)
+  and marks it as predict's."""
+  os.makedirs(out_dir, exist_ok=True)
+  marker = os.path.join(out_dir, MARKER)
+  if not os.path.exists(marker):
+    with open(marker, 'w') as f:
+      f.write('Written by sepres-jax --mode=predict: its outputs here may be replaced by a later '
+              'run.\n')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +216,11 @@ def predict(config, workdir: str) -> int:
   paths = find_inputs(config.predict.input)
   out_dir = os.path.abspath(os.path.expanduser(
       config.predict.output or os.path.join(workdir, 'predictions')))
-  check_inputs_kept(paths, output_stems(paths), out_dir)
+  stems = output_stems(paths)
+  check_inputs_kept(paths, stems, out_dir)
+  for path, stem in zip(paths, stems):
+    if stem != os.path.splitext(os.path.basename(path))[0]:
+      print(f'{path}: written as {stem}.png (another input has its name)')
   from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
   _, state, _, origin = evaluate.trained_state(config, workdir)
   train.check_writable(out_dir)  # Before the work, not after it.
@@ -240,7 +278,7 @@ def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, l
     if not pending:
       return
     ids = label_maps(config, forward, [p[1] for p in pending], [p[2] for p in pending])
-    os.makedirs(out_dir, exist_ok=True)
+    claim_output(out_dir)
     for (stem, rgb, _), image_ids in zip(pending, ids):
       write_outputs(out_dir, stem, rgb, image_ids, colors, alpha)
     done += len(pending)
@@ -259,7 +297,7 @@ def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, l
     try:
       video.predict_video(path, out_dir, stem, lambda rgbs: label_maps(config, forward, rgbs),
                           colors, alpha=alpha, batch_size=batch_size,
-                          save_frames=bool(config.predict.save_frames))
+                          save_frames=bool(config.predict.save_frames), make_out_dir=claim_output)
     except video.VideoError as e:
       skip(path, 'video', e)
       return
@@ -272,8 +310,9 @@ def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, l
     try:
       rgb = read_rgb(path)
     except Exception as e:  # pylint: disable=broad-except
-      # PIL raises many types for zero-byte, truncated and non-image files.
-      if video.decodes(path):
+      # PIL raises many types for zero-byte, truncated and non-image files. A file named as an
+      # image is not tried as a video (FFmpeg decodes half a JPEG as a one-frame video).
+      if not path.lower().endswith(IMAGE_SUFFIXES) and video.decodes(path):
         predict_video(path, stem)
       else:
         skip(path, 'image', e)

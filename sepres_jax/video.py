@@ -95,10 +95,11 @@ def _read(capture, n: int) -> list[np.ndarray]:
 
 
 def predict_video(path, out_dir, stem, label_maps, colors, *, alpha=0.5, batch_size=4,
-                  save_frames=False) -> int:
+                  save_frames=False, make_out_dir=None) -> int:
   """Predicts every frame of `path` into the overlay video (and label maps); returns frames.
 
   `label_maps(rgbs)` -> uint8 class ids [h, w] for each of up to `batch_size` RGB frames.
+  `make_out_dir(out_dir)` creates the folder once a frame has decoded (default os.makedirs).
   Raises VideoError when the file opens as no video or not one frame decodes.
   """
   capture = open_video(path)
@@ -113,7 +114,7 @@ def predict_video(path, out_dir, stem, label_maps, colors, *, alpha=0.5, batch_s
     while batch := _read(capture, max(1, int(batch_size))):
       if writer is None:  # The folder, once a frame has decoded.
         h, w = batch[0].shape[:2]
-        os.makedirs(out_dir, exist_ok=True)
+        (make_out_dir or (lambda d: os.makedirs(d, exist_ok=True)))(out_dir)
         writer, out_path = open_writer(os.path.join(out_dir, f'{stem}_overlay'), fps,
                                        (w - w % 2, h - h % 2))
         if frames_dir:

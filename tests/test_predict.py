@@ -39,6 +39,8 @@ def _mixed_folder(folder):
   Image.fromarray(rng.integers(0, 256, (75, 85, 3), np.uint8)).save(folder / 'photo.jpg')
   (folder / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\nnot a png at all')
   (folder / 'empty.jpg').write_bytes(b'')
+  jpeg = (folder / 'photo.jpg').read_bytes()  # FFmpeg decodes half a JPEG as a one-frame video.
+  (folder / 'half.jpg').write_bytes(jpeg[:len(jpeg) // 2])
   (folder / 'notes.txt').write_text('not an image: ignored in a folder')
   return {'rgb': (70, 90), 'grey': (50, 33), 'rgba': (64, 64), 'photo': (75, 85)}
 
@@ -54,8 +56,10 @@ def test_predict_mixed_folder(trained, tmp_path, capsys):
   err = capsys.readouterr().err
   assert status == predict.SKIPPED_STATUS != 0
   errors = [l for l in err.splitlines() if l.startswith('error:')]
-  assert len(errors) == 2 and 'corrupt.png' in errors[0] and 'empty.jpg' in errors[1]
+  assert len(errors) == 3 and 'corrupt.png' in errors[0] and 'empty.jpg' in errors[1], errors
+  assert 'half.jpg: cannot read image' in errors[2]  # Skipped as an image, not a video.
   expected = {f'{stem}{suffix}.png' for stem in sizes for suffix in ('', '_color', '_overlay')}
+  expected.add(predict.MARKER)
   assert set(os.listdir(tmp_path / 'out')) == expected
   for stem, (h, w) in sizes.items():
     ids = Image.open(tmp_path / 'out' / f'{stem}.png')
@@ -185,6 +189,7 @@ def test_predict_video(trained, tmp_path, capsys):
   stale.mkdir(parents=True)
   for name in ('000007.png', '000012.png', 'keep.txt'):
     (stale / name).write_bytes(b'old')
+  (tmp_path / 'out' / predict.MARKER).write_text('')  # Predicted there before: its folder.
   status = cli.run('predict', config, workdir)
   out, err = capsys.readouterr()
   assert status == predict.SKIPPED_STATUS != 0
@@ -193,7 +198,7 @@ def test_predict_video(trained, tmp_path, capsys):
   out_dir = tmp_path / 'out'
   overlay_path = out_dir / 'clip_overlay.mp4'
   images = {f'frame{i}{suffix}.png' for i in range(7) for suffix in ('', '_color', '_overlay')}
-  assert set(os.listdir(out_dir)) == images | {'clip_overlay.mp4', 'clip_frames'}
+  assert set(os.listdir(out_dir)) == images | {'clip_overlay.mp4', 'clip_frames', predict.MARKER}
   assert sorted(os.listdir(out_dir / 'clip_frames')) == [f'{i:06d}.png' for i in range(7)] + [
       'keep.txt']
   assert any('7 frames' in l and str(overlay_path) in l for l in out.splitlines()), out
@@ -295,9 +300,36 @@ def test_output_names_never_write_over_each_other():
   paths = ['d/a.jpg', 'e/a.png', 'd/a_2.png', 'd/x.png', 'd/x_color.png', 'd/X.PNG', 'd/clip.mp4',
            'd/clip_frames.png']
   stems = predict.output_stems(paths)
-  assert stems == ['a', 'a_2', 'a_2_2', 'x', 'x_color_2', 'X_2', 'clip', 'clip_frames_2'], stems
+  # a.png is not a_2 (a_2.png's own name: its ids would sit in the file a_2.png's are expected in).
+  assert stems == ['a', 'a_3', 'a_2', 'x', 'x_color_2', 'X_2', 'clip', 'clip_frames_2'], stems
   written = [(s + suffix).casefold() for s in stems for suffix in predict.OUTPUT_SUFFIXES]
   assert len(written) == len(set(written))
+
+
+def test_output_folder_of_other_files_is_refused_and_its_files_kept(trained, tmp_path, capsys):
+  """An output would replace a file predict did not write (here a ground-truth label with the
+  image's name): refused, nothing written. A folder predict wrote into may be written again."""
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  images, labels = tmp_path / 'images', tmp_path / 'labels'
+  images.mkdir()
+  labels.mkdir()
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(images / 'a.jpg')
+  Image.fromarray(np.full((40, 40, 3), 9, np.uint8)).save(images / 'a_2.jpg')
+  Image.fromarray(np.full((40, 40), 3, np.uint8)).save(labels / 'a.png')
+  before = {p.name: p.read_bytes() for p in labels.iterdir()}
+  config.predict.input, config.predict.output = str(images), str(labels)
+  assert cli.run('predict', config, workdir) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f'{labels / "a.png"}: predicting' in err[0], err
+  assert 'did not write' in err[0]
+  assert {p.name: p.read_bytes() for p in labels.iterdir()} == before
+  config.predict.output = str(tmp_path / 'out')
+  assert cli.run('predict', config, workdir) == 0
+  first = (tmp_path / 'out' / 'a.png').read_bytes()
+  assert cli.run('predict', config, workdir) == 0  # Its own outputs: replaced.
+  assert (tmp_path / 'out' / 'a.png').read_bytes() == first
+  assert (tmp_path / 'out' / predict.MARKER).is_file()
 
 
 def test_output_folder_that_would_overwrite_an_input_is_refused(trained, tmp_path, capsys):
