@@ -1,6 +1,7 @@
 """sepres-jax command line: python main.py --config=configs/default.py --workdir=DIR --mode=train."""
 
 import os
+import re
 import sys
 
 from absl import app
@@ -104,10 +105,18 @@ def parse_flags(argv):
 
 
 def _unknown_key(argv, e: Exception):
-  key = str(e).strip('"\'')
-  bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and key in a]
-  sys.exit(f'error: unknown config key {" ".join(bad) or key!r} (see the config file for the '
-           'fields it has)')
+  """One line naming the flag; ml_collections' "Did you mean" suggestion kept when it has one."""
+  while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...)).
+    e = e.args[0]
+  message = str(e.args[0]) if e.args else str(e)
+  key, _, rest = message.partition('\n')
+  key = key.strip().strip('"\'')
+  hint = re.search(r'Did you mean "([^"]+)"', rest)
+  flag_names = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+  bad = [f for f in flag_names if f.split('.')[-1] == key] or [f for f in flag_names if key in f]
+  sys.exit(f'error: unknown config key {" ".join(bad) or key!r} '
+           + (f'(did you mean {hint.group(1)}?)' if hint
+              else '(see the config file for the fields it has)'))
 
 
 if __name__ == '__main__':

@@ -69,6 +69,18 @@ def test_unknown_config_key_is_one_line(tmp_path):
   assert one_error_line(out).startswith("error: unknown config key '--config.data.no_such_key'")
 
 
+def test_a_mistyped_key_is_one_line_with_the_suggestion(tmp_path):
+  """ml_collections' KeyError carries a "Did you mean" line: the flag and the field are named (it
+  printed the exception's escaped repr, backslashes and all)."""
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.num_epoch=3', timeout=120)
+  assert one_error_line(out) == ("error: unknown config key '--config.num_epoch' "
+                                 '(did you mean num_epochs?)')
+  out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.data.folder.ignore_valeu=3',
+              timeout=120)
+  assert one_error_line(out) == ("error: unknown config key '--config.data.folder.ignore_valeu' "
+                                 '(did you mean ignore_value?)')
+
+
 def test_wrong_type_is_one_line(tmp_path):
   out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.batch_size=eight', timeout=120)
   assert one_error_line(out).startswith("error: flag --config.batch_size=eight: invalid literal")
