@@ -61,11 +61,17 @@ def _fitted(name: str, state, stored: dict, location: str, new_layers_ok: bool,
   """`state`'s weights with those `stored` holds read from `location` (below its key `under`, if
   given); errors begin with `name`."""
   weights = {'params': state.params, 'batch_stats': state.batch_stats}
-  target, new = _prune_to(weights, stored, name)
+  hint = 'pass the config they were trained with'
+  if os.path.isfile(os.path.join(name, 'config.py')):  # A pretrained/<name> folder.
+    hint += f' (--config={os.path.join(name, "config.py")})'
+  try:
+    target, new = _prune_to(weights, stored, name)
+  except train.RunError as e:
+    raise train.RunError(f'{e}; {hint}') from None
   if new and not new_layers_ok:
     more = f' and {len(new) - 3} more' if len(new) > 3 else ''
     raise train.RunError(f'{name}: weights do not fit this model, which also has '
-                         f'{", ".join(new[:3])}{more}; pass the config they were trained with')
+                         f'{", ".join(new[:3])}{more}; {hint}')
   if new:
     logging.info('%s lacks %d arrays of this model; they keep their initial values: %s',
                  name, len(new), ', '.join(new))

@@ -140,6 +140,10 @@ def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(packed_run, t
     with pytest.raises(evaluate.train.RunError,
                        match=r'bias: checkpoint shape \(4,\), this model \(8,\)'):
       evaluate.load_weights(source, state_of(widths=(8, 8, 8, 16, 16)), new_layers_ok=True)
+  with pytest.raises(evaluate.train.RunError) as e:  # A packed folder: its config.py is named.
+    evaluate.load_weights(packed, state_of(widths=(8, 8, 8, 16, 16)))
+  assert str(e.value).endswith(
+      f'pass the config they were trained with (--config={os.path.join(packed, "config.py")})')
   grown_dir = tmp_path / 'grown'
   grown_config = config.copy_and_resolve_references()
   grown_config.model.fine_skips = 1
