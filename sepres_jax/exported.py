@@ -165,18 +165,28 @@ def read_image(path: str) -> np.ndarray:
   16-bit and float grey images are scaled to 8 bits by their maximum (or 255, whichever is
   larger), not clipped, as `--mode=predict` reads them. Raises ValueError for an empty image.
   """
-  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as img:
     img.load()
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-      arr = np.asarray(img, np.float64)
-      top = max(float(arr.max(initial=0.0)), 255.0)
-      img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8))
-    rgb = np.asarray(img.convert('RGB'), np.uint8)
+    rgb = np.asarray(displayed_rgb(img), np.uint8)
   if rgb.size == 0:
     raise ValueError('empty image')
   return rgb
+
+
+def displayed_rgb(img):
+  """A loaded PIL image -> the PIL RGB image as displayed, as `read_image` reads files.
+
+  EXIF orientation applied; 16-bit and float grey scaled to 8 bits by their maximum (or 255,
+  whichever is larger), not clipped. Training's data builders store images this way too.
+  """
+  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
+  img = ImageOps.exif_transpose(img)
+  if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
+    arr = np.asarray(img, np.float64)
+    top = max(float(arr.max(initial=0.0)), 255.0)
+    img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8))
+  return img.convert('RGB')
 
 
 def pad_to_multiple(image, multiple: int = 32) -> np.ndarray:

@@ -160,7 +160,7 @@ def _check_pair(image_path: Path, label_path: Path, decode):
       continue
     try:
       if what == 'image':
-        image = camvid._open(path, what)  # pylint: disable=protected-access
+        image = camvid.open_image(path)  # As displayed: EXIF orientation applied.
         continue
       label, unknown = decode(path)  # unknown: '' or the problem's line.
     except DataError as e:

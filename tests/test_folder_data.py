@@ -64,13 +64,27 @@ def test_classes_file_and_config_palette_agree(tmp_path, shapes):
     ('road x 1 2 3\n', ':1: class id \'x\' is not an integer'),
     ('road 0 1 2 300\n', ':1: not a colour'),
     ('road 0 #12345g\n', ':1: not a colour'),
+    ('road 0 1 2 3\nroad 1 4 5 6\n', ":2: class name 'road' listed twice (first on line 1)"),
+    ('road 0 1 2 3\nvoid 255 1 1 1\nvoid 255 2 2 2\n',
+     ':3: the ignore value 255 listed twice (first on line 2)'),
+    (b'road 0 1 2 3\n\xff\xfe\n', 'classes file is not UTF-8 text'),
 ])
 def test_bad_classes_file_names_the_line(tmp_path, text, words):
   path = tmp_path / 'classes.txt'
-  path.write_text(text)
+  path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
   with pytest.raises(DataError) as e:
     folder.read_classes_file(path, 255)
   assert str(path) in str(e.value) and words in str(e.value)
+
+
+def test_a_classes_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+  """Windows editors start UTF-8 files with a BOM: it neither names the first class nor breaks
+  a first comment line."""
+  for first in ('', '# name id R G B\n'):
+    path = tmp_path / 'classes.txt'
+    path.write_bytes(('\ufeff' + first + 'background 0 0 0 0\nroad 1 #804080\n').encode())
+    names, colors, _ = folder.read_classes_file(path, 255)
+    assert names == ('background', 'road') and colors.tolist() == [[0, 0, 0], [128, 64, 128]]
 
 
 def test_class_count_must_match_the_palette(tmp_path, shapes):
@@ -163,6 +177,16 @@ def test_a_list_naming_a_missing_image_is_an_error(tmp_path, shapes):
     folder.split_pairs(root, spec)
 
 
+def test_an_image_listed_twice_is_an_error(tmp_path):
+  """It would be trained on (or scored) twice: the line and the first one are named."""
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'ids', 'lists', counts=(4, 2, 2))
+  (root / 'val.txt').write_text('val_0000.jpg\nval_0001\nval_0000\n')
+  spec = folder.spec_of(_config(tmp_path, root, 'ids', 'lists').data)
+  with pytest.raises(DataError, match=r"val.txt:3: 'val_0000' listed twice \(first on line 1\)"):
+    folder.split_pairs(root, spec)
+
+
 def test_a_listed_image_without_label_says_so(tmp_path):
   root = tmp_path / 'data'
   synthetic.write_shapes_folder(root, 'ids', 'lists', counts=(4, 2, 2))
@@ -207,6 +231,32 @@ def test_awkward_png_modes_are_read_as_rgb_images_and_id_labels(tmp_path):
   Image.fromarray(np.stack([ids, np.full_like(ids, 255)], -1), 'LA').save(tmp_path / 'la.png')
   _, label = camvid.load_label(tmp_path / 'la.png')
   np.testing.assert_array_equal(label, ids)
+
+
+def test_images_are_stored_as_predict_reads_them(tmp_path):
+  """A phone photo's EXIF orientation and a 16-bit grey image's range: training stores the pixels
+  `--mode=predict` reads (before, training ignored the orientation and clipped 16-bit grey at 255),
+  and a label is checked against the image as displayed."""
+  from sepres_jax import exported  # pylint: disable=g-import-not-at-top
+  from sepres_jax.data import camvid  # pylint: disable=g-import-not-at-top
+  rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8)  # Stored 56 wide.
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Displayed rotated: 40 wide, 56 high.
+  Image.fromarray(rgb).save(tmp_path / 'phone.jpg', exif=exif, quality=95)
+  Image.fromarray(np.zeros((56, 40), np.uint8)).save(tmp_path / 'phone_label.png')
+  Image.fromarray(np.zeros((40, 56), np.uint8)).save(tmp_path / 'raw_label.png')
+  shown = exported.read_image(tmp_path / 'phone.jpg')
+  assert shown.shape == (56, 40, 3)
+  image, _ = camvid.check_pair(tmp_path / 'phone.jpg', tmp_path / 'phone_label.png')
+  np.testing.assert_array_equal(np.asarray(image), shown)
+  with pytest.raises(camvid.DataError, match=r'raw_label\.png: label size 56x40 != image size 40x56'):
+    camvid.check_pair(tmp_path / 'phone.jpg', tmp_path / 'raw_label.png')
+  grey = (np.arange(40 * 56).reshape(40, 56) * 4000 // (40 * 56)).astype(np.uint16)
+  Image.fromarray(grey).save(tmp_path / 'deep.png')  # 16-bit grey, 0..3998.
+  image, _ = camvid.check_pair(tmp_path / 'deep.png', tmp_path / 'raw_label.png')
+  stored = np.asarray(image)
+  np.testing.assert_array_equal(stored, exported.read_image(tmp_path / 'deep.png'))
+  assert (stored == 255).mean() < 0.01 and stored.max() == 255  # Scaled, not clipped.
 
 
 # --- verify ---------------------------------------------------------------------------------------

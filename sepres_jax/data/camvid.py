@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageOps
 import tensorflow_datasets as tfds
+
+from sepres_jax import exported
 
 CLASS_NAMES = ('Sky', 'Building', 'Pole', 'Road', 'Sidewalk', 'Tree', 'SignSymbol', 'Fence', 'Car',
                'Pedestrian', 'Bicyclist', 'void')
@@ -128,18 +131,45 @@ def single_channel(arr, path, colour_error: str):
 
 # Part of every folder's cache key: raise it when a change here stores other records, so that
 # caches written before are rebuilt. 2: RGB PNGs with a transparency colour stored converted
-# (2026-12-05; before, stored as they were, they decoded to 4 channels).
-RECORDS_VERSION = 2
+# (2026-12-05; before, stored as they were, they decoded to 4 channels). 3: images stored as
+# displayed, as --mode=predict reads them: EXIF orientation applied, 16-bit grey scaled by its
+# maximum (2026-12-06; before, the stored pixels ignored the orientation and clipped 16-bit
+# values at 255).
+RECORDS_VERSION = 3
+
+
+def _orientation(img):
+  try:
+    return img.getexif().get(0x0112, 1)  # The EXIF Orientation tag; 1 = as stored.
+  except Exception:  # pylint: disable=broad-except
+    return 1  # An unreadable EXIF block: PIL shows the pixels as stored, so do the same.
+
+
+def open_image(path):
+  """An image file as a loaded PIL image as displayed (its EXIF orientation applied).
+
+  Predict reads images the same way (`exported.read_image`), so a phone photo's label is drawn,
+  checked and learnt on the pixels a viewer shows. Raises DataError naming the file.
+  """
+  img = _open(path, 'image')
+  if _orientation(img) != 1:
+    try:
+      img = ImageOps.exif_transpose(img)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f'{path}: cannot apply its EXIF orientation ({type(e).__name__}: {e})'
+                      .replace('\n', ' '))
+  return img
 
 
 def stored_image(img, path):
-  """The image as the tfds feature stores it: the file itself where the decoder (cv2
-  IMREAD_UNCHANGED) gives 8-bit RGB from it (JPEG, or an 8-bit RGB PNG without a transparency
-  colour, which would decode to 4 channels), or else the PIL image converted to RGB."""
-  if img.mode == 'RGB' and 'transparency' not in img.info and (
-      img.format == 'JPEG' or _png_bit_depth(path) == 8):
+  """The image (from `open_image`) as the tfds feature stores it: the file itself where the
+  decoder (cv2 IMREAD_UNCHANGED) gives 8-bit RGB from it as displayed (JPEG, or an 8-bit RGB PNG
+  without a transparency colour, which would decode to 4 channels, neither rotated by EXIF), or
+  else the pixels as `exported.displayed_rgb` gives them (16-bit grey scaled, not clipped)."""
+  if img.mode == 'RGB' and 'transparency' not in img.info and _orientation(img) == 1 and (
+      img.format == 'JPEG' or (img.format == 'PNG' and _png_bit_depth(path) == 8)):
     return os.fspath(path)
-  return img.convert('RGB')
+  return exported.displayed_rgb(img)
 
 
 def load_label(path):
@@ -154,7 +184,7 @@ def load_label(path):
 
 def check_pair(image_path, label_path):
   """Validates one pair; returns (image, label) in a form the tfds Image features store as is."""
-  img = _open(image_path, 'image')
+  img = open_image(image_path)
   label_img, label = load_label(label_path)
   if (img.height, img.width) != label.shape:
     raise DataError(f'{label_path}: label size {label.shape[1]}x{label.shape[0]} != image size '

@@ -60,10 +60,12 @@ def read_classes_file(path, ignore_value):
   """Parses a classes file -> (names, colors, void_color or None), names/colors in id order."""
   path = Path(os.path.expanduser(path))
   try:
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding='utf-8-sig').splitlines()  # A Windows editor's BOM too.
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path}: classes file is not UTF-8 text ({e.reason} at byte {e.start})') from None
   except OSError as e:
     raise DataError(f'{path}: cannot read classes file ({e.strerror or e})') from None
-  entries, void_color = {}, None
+  entries, void_color, void_line, names_seen = {}, None, None, {}
   for n, line in enumerate(lines, 1):
     fields = line.replace(',', ' ').split()
     if not fields or fields[0].startswith('#'):  # Blank and comment lines.
@@ -78,10 +80,17 @@ def read_classes_file(path, ignore_value):
       raise DataError(f'{where}: class id {fields[1]!r} is not an integer') from None
     color = _parse_color(' '.join(fields[2:]), where)
     if class_id == ignore_value:
-      void_color = color
+      if void_line is not None:
+        raise DataError(f'{where}: the ignore value {ignore_value} listed twice (first on line '
+                        f'{void_line})')
+      void_color, void_line = color, n
       continue
     if class_id in entries:
       raise DataError(f'{where}: class id {class_id} listed twice')
+    if name in names_seen:
+      raise DataError(f'{where}: class name {name!r} listed twice (first on line '
+                      f'{names_seen[name]})')
+    names_seen[name] = n
     entries[class_id] = (name, color)
   ids = sorted(entries)
   if ids != list(range(len(ids))):
@@ -123,7 +132,8 @@ def palette(data_config):
     raise DataError(f'data.num_classes={data_config.num_classes} but the palette names '
                     f'{len(names)} classes ({", ".join(names)})')
   if len({tuple(c) for c in colors.tolist()}) != len(colors):
-    raise DataError('two classes share a colour in the palette')
+    where = f.classes_file or 'data.folder.colors'
+    raise DataError(f'{where}: two classes share a colour in the palette')
   if tuple(int(v) for v in void_color) in class_colors:
     raise DataError(f'the ignore colour {tuple(int(v) for v in void_color)} is also a class '
                     'colour (set data.folder.ignore_color to another)')
@@ -223,7 +233,7 @@ def describe_unknown(path, unknown, spec) -> str:
 
 
 def _read_list(list_file, pairs_by_stem, image_dir):
-  chosen = []
+  chosen, seen = [], {}
   for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
     entry = line.strip()
     if not entry or entry.startswith('#'):
@@ -234,6 +244,9 @@ def _read_list(list_file, pairs_by_stem, image_dir):
       if any(Path(image_dir, stem + suffix).is_file() for suffix in camvid.IMAGE_SUFFIXES):
         raise DataError(f'{list_file}:{n}: {entry!r} has no label (the image is in {image_dir})')
       raise DataError(f'{list_file}:{n}: {entry!r} is not an image in {image_dir}')
+    if stem in seen:  # It would count twice in the split: trained on twice, or scored twice.
+      raise DataError(f'{list_file}:{n}: {entry!r} listed twice (first on line {seen[stem]})')
+    seen[stem] = n
     chosen.append(pairs_by_stem[stem])
   if not chosen:
     raise DataError(f'{list_file}: lists no images')
@@ -302,7 +315,7 @@ def split_pairs(root, spec, lister=camvid.list_pairs) -> dict:
 
 def read_pair(image_path, label_path, spec):
   """Validates one pair -> (image as the tfds feature stores it, PIL label with void = K)."""
-  img = camvid._open(image_path, 'image')  # pylint: disable=protected-access
+  img = camvid.open_image(image_path)
   label, unknown = decode_label(label_path, spec)
   if unknown:
     raise DataError(describe_unknown(label_path, unknown, spec))
