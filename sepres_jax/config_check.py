@@ -73,6 +73,12 @@ def check(mode: str, config) -> None:
                    for v in scales)):
       raise ConfigError(f'config.{key} must be one or more positive numbers, e.g. (1.0,) or '
                         f'(0.75,1.0,1.25), got {scales!r}')
+  for key, allowed in (('eval.input', ('resize', 'native')), ('eval.checkpoint', ('best', 'latest')),
+                       ('predict.resize', ('', 'resize', 'native'))):
+    value = _get(config, key)
+    if value is not None and value not in allowed:
+      raise ConfigError(f'config.{key} must be one of {", ".join(map(repr, allowed))}, got '
+                        f'{value!r}')
   _model(config)
 
 

@@ -83,7 +83,10 @@ def fingerprint(config, variables, source) -> str:
   """A digest of everything the teacher's targets depend on (not the paths it was read from)."""
   h = hashlib.sha256()
   data = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
-  settings = {'data': data, 'model': config.model.to_dict(), 'input': config.eval.input,
+  # The kernels' form (model.impl, model.large_conv) gives the same numbers (resuming may change
+  # it); the activations' dtype does not.
+  model = {k: v for k, v in config.model.to_dict().items() if k not in ('impl', 'large_conv')}
+  settings = {'data': data, 'model': model, 'dtype': str(config.dtype), 'input': config.eval.input,
               'flip': bool(config.distill.flip),
               'scales': [float(s) for s in config.distill.scales], 'count': len(source)}
   h.update(json.dumps(settings, sort_keys=True, default=str).encode())

@@ -3,7 +3,8 @@
 Scores come from one confusion matrix summed over the whole split, always against the labels at
 the images' native resolution: `eval.input=resize` resizes the images to data.image_size and the
 logits back, `eval.input=native` pads each image to a multiple of 32 (the padding never counted).
-Pictures go into eval/<split>/: iou.png, confusion_matrix.png, and panels.png (image /
+Scores go into eval/<split>.json and pictures into eval/<split>/ (`result_name`: with test-time
+averaging or an ensemble, `<split>_<settings>`, so one evaluation keeps another's): iou.png, confusion_matrix.png, and panels.png (image /
 prediction / truth) of `eval.num_panels` images, the lowest per-image mIoU first with
 `eval.worst_first` (from per-image confusion matrices of the same pass).
 """
@@ -99,8 +100,15 @@ def _stored_weights(path: str, which: str = 'best'):
       tree = ocp.StandardCheckpointer().metadata(location)
       tree = getattr(tree, 'item_metadata', tree)
       tree = getattr(tree, 'tree', tree)
+      if not isinstance(tree, dict):  # An empty or incomplete weights/ folder.
+        raise train.RunError(f'{location}: no weights metadata (an incomplete copy, or corrupt)')
     elif os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
-      manager = checkpoints.create_manager(path, read_only=True, best_metric=_best_metric(path))
+      best_metric = _best_metric(path)
+      if which == 'best' and not best_metric:  # Orbax's best_step() would be the latest step.
+        raise train.RunError(f'{os.path.join(path, "config.json")}: missing or names no '
+                             'best_metric, so the best checkpoint is unknown (restore the file, '
+                             'or pass --config.eval.checkpoint=latest)')
+      manager = checkpoints.create_manager(path, read_only=True, best_metric=best_metric)
       step = checkpoints.select_step(manager, which)
       if step is None:
         manager.close()
@@ -166,7 +174,7 @@ def _best_metric(workdir: str):
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
       return json.load(f).get('best_metric')
-  except OSError:
+  except (OSError, ValueError, AttributeError):  # Missing, not JSON, or not an object.
     return None
 
 
@@ -198,7 +206,7 @@ def ensemble_paths(config) -> list[str]:
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Evaluates config.eval.split; prints the per-class table and writes eval/<split>.json."""
+  """Evaluates config.eval.split; prints the per-class table and writes eval/<result_name>.json."""
   split = config.eval.split
   if config.eval.input not in ('resize', 'native'):
     raise train.RunError(f"config.eval.input must be 'resize' or 'native', got {config.eval.input!r}")
@@ -246,15 +254,35 @@ def evaluate(config, workdir: str) -> dict:
   print(metrics.format_table(scores))
   if jax.process_index() == 0:
     out_dir = os.path.join(os.path.abspath(workdir), 'eval')
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f'{split}.json'), 'w') as f:
+    name = result_name(config, split)
+    path = os.path.join(out_dir, f'{name}.json')
+    try:
+      os.makedirs(out_dir, exist_ok=True)
       # Strict JSON: a class absent from both labels and predictions has IoU null, not NaN.
-      json.dump(_nan_to_none(scores), f, indent=1, default=_json_default, allow_nan=False)
-    logging.info('Wrote %s', os.path.join(out_dir, f'{split}.json'))
-    pictures = visualize.evaluation_pictures(os.path.join(out_dir, split), scores, cm, info,
+      text = json.dumps(_nan_to_none(scores), indent=1, default=_json_default, allow_nan=False)
+      train._write_json_atomic(path, text)  # pylint: disable=protected-access  # Old file kept on failure.
+    except OSError as e:
+      raise train.RunError(f'{path}: cannot write the scores ({e.strerror or e})') from None
+    logging.info('Wrote %s', path)
+    pictures = visualize.evaluation_pictures(os.path.join(out_dir, name), scores, cm, info,
                                              picked, sources[split])
-    print(f'wrote {len(pictures)} pictures into {os.path.join(out_dir, split)}')
+    print(f'wrote {path} and {len(pictures)} pictures into {os.path.join(out_dir, name)}')
   return scores
+
+
+def result_name(config, split: str) -> str:
+  """The name of evaluate's files for these settings: `<split>` for one network's plain forward
+  pass, else with the averaging added (`test_ens2_flip_x0.75-1-1.25`), so that one evaluation
+  does not overwrite another's scores."""
+  parts = [split]
+  if ensemble_paths(config):
+    parts.append(f'ens{len(ensemble_paths(config)) + 1}')
+  if config.eval.flip:
+    parts.append('flip')
+  scales = [float(s) for s in config.eval.scales]
+  if scales != [1.0]:
+    parts.append('x' + '-'.join(f'{s:g}' for s in scales))
+  return '_'.join(parts)
 
 
 def eval_step_per_example(state, batch, others=(), *, weights=None, flip=False, scales=(1.0,)):

@@ -63,6 +63,10 @@ def test_every_shipped_config_passes(name):
     ('eval.scales', (), 'one or more positive numbers'),
     ('eval.scales', (1.0, 0.0), 'one or more positive numbers'),
     ('distill.scales', ('1.0',), 'one or more positive numbers'),
+    # Training's validation read a typo as native, the distillation teacher as resize.
+    ('eval.input', 'Native', "'resize', 'native', got 'Native'"),
+    ('eval.checkpoint', 'last', "'best', 'latest', got 'last'"),
+    ('predict.resize', 'crop', "'', 'resize', 'native', got 'crop'"),
 ])
 def test_bad_value_names_its_key(key, value, words):
   config = _config()

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+from pathlib import Path
 import shutil
 
 import cv2
@@ -124,16 +125,58 @@ def test_ensemble_in_evaluate_and_predict(trained, tmp_path, capsys):
   np.testing.assert_array_equal(ids, both['pred'][k][:ids.shape[0], :ids.shape[1]])
   # --mode=evaluate records the members; a wrong member is one line naming it.
   config.eval.split = 'val'
+  plain = config.copy_and_resolve_references()
+  plain.eval.ensemble = ''
+  assert cli.run('evaluate', plain, workdir) == 0
+  plain_scores = (Path(workdir) / 'eval' / 'val.json').read_text()
   assert cli.run('evaluate', config, workdir) == 0
   assert '1 ensemble member(s)' in capsys.readouterr().out
-  with open(os.path.join(workdir, 'eval', 'val.json')) as f:
+  with open(os.path.join(workdir, 'eval', 'val_ens2.json')) as f:
     assert json.load(f)['ensemble'] == [config.eval.ensemble]
+  # The single network's scores are kept beside the ensemble's (the same file before).
+  assert (Path(workdir) / 'eval' / 'val.json').read_text() == plain_scores
+  assert json.loads(plain_scores)['ensemble'] == []
   shipped = str(ROOT / 'pretrained' / 'camvid_sepres_w192_h512')  # Another network.
   for wrong, expected in ((str(tmp_path / 'nowhere'), 'nowhere'), (shipped, 'not in this model')):
     config.eval.ensemble = f'{workdir},{wrong}'
     assert cli.run('evaluate', config, workdir) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error:') and expected in err[0], err
+
+
+def test_evaluate_names_what_it_cannot_read_or_write_and_keeps_the_old_scores(trained, tmp_path,
+                                                                              capsys):
+  """An empty weights/ folder (was a TypeError traceback), checkpoints without their config.json
+  (best silently became latest), and a scores file that cannot be written (was emptied first)."""
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.split, config.eval.num_panels = 'val', 0
+  (tmp_path / 'empty' / 'weights').mkdir(parents=True)
+  shutil.copytree(os.path.join(workdir, 'checkpoints'), tmp_path / 'nocfg' / 'checkpoints')
+  for key, value, words in (('eval.ensemble', tmp_path / 'empty', 'no weights metadata'),
+                            ('init_from', tmp_path / 'nocfg', 'config.json: missing or names no')):
+    bad = config.copy_and_resolve_references()
+    if key == 'eval.ensemble':
+      bad.eval.ensemble = str(value)
+    else:
+      bad.init_from = str(value)
+    assert cli.run('evaluate', bad, workdir) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(value) in err[0] and words in err[0], err
+  assert cli.run('evaluate', config, workdir) == 0
+  scores = Path(workdir) / 'eval' / 'val.json'
+  before = scores.read_text()
+  (Path(workdir) / 'eval' / 'val.json.tmp').mkdir()  # The write through it fails.
+  try:
+    assert cli.run('evaluate', config, workdir) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'{scores}: cannot write the scores' in err[0], err
+    assert scores.read_text() == before
+  finally:
+    (Path(workdir) / 'eval' / 'val.json.tmp').rmdir()
+  config.eval.flip, config.eval.scales = True, (0.75, 1.0)
+  config.eval.ensemble = 'a,b'
+  assert evaluate.result_name(config, 'test') == 'test_ens3_flip_x0.75-1'
 
 
 def _write_video(path, frames, fps, fourcc='FFV1'):
