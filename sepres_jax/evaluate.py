@@ -201,8 +201,17 @@ def members(config, state) -> list[dict]:
 
 
 def ensemble_paths(config) -> list[str]:
-  """config.eval.ensemble's paths, in order ([] when unset)."""
-  return checkpoints.path_list(config.eval.get('ensemble', ''))
+  """config.eval.ensemble's paths, in order ([] when unset); one named twice (or the init_from
+  weights again) would silently count twice, so it is an error."""
+  paths = checkpoints.path_list(config.eval.get('ensemble', ''))
+  seen = {os.path.realpath(os.path.expanduser(config.init_from))} if config.init_from else set()
+  for path in paths:
+    real = os.path.realpath(os.path.expanduser(path))
+    if real in seen:
+      raise train.RunError(f'config.eval.ensemble: {path} is named twice (with init_from, or in '
+                           'the list): each member counts once')
+    seen.add(real)
+  return paths
 
 
 def evaluate(config, workdir: str) -> dict:

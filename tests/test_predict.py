@@ -177,6 +177,12 @@ def test_evaluate_names_what_it_cannot_read_or_write_and_keeps_the_old_scores(tr
   config.eval.flip, config.eval.scales = True, (0.75, 1.0)
   config.eval.ensemble = 'a,b'
   assert evaluate.result_name(config, 'test') == 'test_ens3_flip_x0.75-1'
+  config.eval.ensemble = f'a,{tmp_path}/x/../a'  # Relative 'a' is not /tmp/.../a: counted once.
+  assert evaluate.ensemble_paths(config) == ['a', f'{tmp_path}/x/../a']
+  for twice in (f'{tmp_path}/a,{tmp_path}/x/../a', f'{tmp_path}/nocfg'):
+    config.eval.ensemble, config.init_from = twice, str(tmp_path / 'nocfg')
+    with pytest.raises(evaluate.train.RunError, match='named twice'):
+      evaluate.ensemble_paths(config)
 
 
 def _write_video(path, frames, fps, fourcc='FFV1'):
