@@ -326,9 +326,13 @@ def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, l
 
 
 def write_outputs(out_dir, stem, rgb, ids, colors, alpha=0.5) -> None:
-  """<stem>.png (class ids), <stem>_color.png (palette) and <stem>_overlay.png."""
+  """<stem>.png (class ids), <stem>_color.png (palette) and <stem>_overlay.png, each written
+  through a temporary file, so a kill or a full disk leaves an earlier run's file whole."""
   ids = np.ascontiguousarray(ids, np.uint8)
-  PILImage.fromarray(ids, mode='L').save(os.path.join(out_dir, f'{stem}.png'))
-  PILImage.fromarray(drawing.colorize(ids, colors)).save(os.path.join(out_dir, f'{stem}_color.png'))
-  PILImage.fromarray(drawing.overlay(rgb, ids, colors, alpha)).save(
-      os.path.join(out_dir, f'{stem}_overlay.png'))
+  for name, picture in ((f'{stem}.png', PILImage.fromarray(ids, mode='L')),
+                        (f'{stem}_color.png', PILImage.fromarray(drawing.colorize(ids, colors))),
+                        (f'{stem}_overlay.png',
+                         PILImage.fromarray(drawing.overlay(rgb, ids, colors, alpha)))):
+    path = os.path.join(out_dir, name)
+    picture.save(path + '.tmp', format='PNG')
+    os.replace(path + '.tmp', path)

@@ -67,6 +67,7 @@ def test_every_shipped_config_passes(name):
     ('eval.input', 'Native', "'resize', 'native', got 'Native'"),
     ('eval.checkpoint', 'last', "'best', 'latest', got 'last'"),
     ('predict.resize', 'crop', "'', 'resize', 'native', got 'crop'"),
+    ('predict.alpha', 1.5, 'in [0, 1]'),
 ])
 def test_bad_value_names_its_key(key, value, words):
   config = _config()

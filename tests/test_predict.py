@@ -302,6 +302,12 @@ def test_write_outputs_known_label_map(tmp_path):
   overlay = np.asarray(Image.open(tmp_path / 'known_overlay.png'))
   np.testing.assert_array_equal(overlay[ids < 11], camvid.COLORS[ids[ids < 11]])  # alpha 1.
   np.testing.assert_array_equal(overlay[ids == 11], rgb[ids == 11])  # Void keeps the image.
+  assert sorted(os.listdir(tmp_path)) == ['known.png', 'known_color.png', 'known_overlay.png']
+  before = (tmp_path / 'known_color.png').read_bytes()
+  (tmp_path / 'known_color.png.tmp').mkdir()  # Writing it fails (as on a full disk).
+  with pytest.raises(OSError):
+    predict.write_outputs(str(tmp_path), 'known', rgb, 11 - ids, camvid.COLORS, alpha=1.0)
+  assert (tmp_path / 'known_color.png').read_bytes() == before  # Not truncated: kept whole.
 
 
 def test_nothing_readable_leaves_no_output_folder(trained, tmp_path, capsys):
