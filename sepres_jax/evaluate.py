@@ -4,9 +4,10 @@ Scores come from one confusion matrix summed over the whole split, always agains
 the images' native resolution: `eval.input=resize` resizes the images to data.image_size and the
 logits back, `eval.input=native` pads each image to a multiple of 32 (the padding never counted).
 Scores go into eval/<split>.json and pictures into eval/<split>/ (`result_name`: with test-time
-averaging or an ensemble, `<split>_<settings>`, so one evaluation keeps another's): iou.png, confusion_matrix.png, and panels.png (image /
-prediction / truth) of `eval.num_panels` images, the lowest per-image mIoU first with
-`eval.worst_first` (from per-image confusion matrices of the same pass).
+averaging or an ensemble, `<split>_<settings>`, so one evaluation keeps another's): iou.png,
+confusion_matrix.png, and panels.png (image / prediction / truth) of `eval.num_panels` images, the
+lowest per-image mIoU first with `eval.worst_first` (from per-image confusion matrices of the same
+pass).
 """
 
 import functools
@@ -269,7 +270,8 @@ def evaluate(config, workdir: str) -> dict:
       os.makedirs(out_dir, exist_ok=True)
       # Strict JSON: a class absent from both labels and predictions has IoU null, not NaN.
       text = json.dumps(_nan_to_none(scores), indent=1, default=_json_default, allow_nan=False)
-      train._write_json_atomic(path, text)  # pylint: disable=protected-access  # Old file kept on failure.
+      # Through a temporary file: a full disk or a kill keeps the scores written before.
+      train._write_json_atomic(path, text)  # pylint: disable=protected-access
     except OSError as e:
       raise train.RunError(f'{path}: cannot write the scores ({e.strerror or e})') from None
     logging.info('Wrote %s', path)

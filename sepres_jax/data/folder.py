@@ -62,7 +62,8 @@ def read_classes_file(path, ignore_value):
   try:
     lines = path.read_text(encoding='utf-8-sig').splitlines()  # A Windows editor's BOM too.
   except UnicodeDecodeError as e:
-    raise DataError(f'{path}: classes file is not UTF-8 text ({e.reason} at byte {e.start})') from None
+    raise DataError(f'{path}: classes file is not UTF-8 text ({e.reason} at byte {e.start})'
+                   ) from None
   except OSError as e:
     raise DataError(f'{path}: cannot read classes file ({e.strerror or e})') from None
   entries, void_color, void_line, names_seen = {}, None, None, {}
