@@ -74,7 +74,8 @@ def check(mode: str, config) -> None:
       raise ConfigError(f'config.{key} must be one or more positive numbers, e.g. (1.0,) or '
                         f'(0.75,1.0,1.25), got {scales!r}')
   _number(config, 'predict.alpha', lambda v: 0 <= v <= 1, 'a number in [0, 1] (overlay opacity)')
-  for key, allowed in (('eval.input', ('resize', 'native')), ('eval.checkpoint', ('best', 'latest')),
+  for key, allowed in (('eval.input', ('resize', 'native')),
+                       ('eval.checkpoint', ('best', 'latest')),
                        ('predict.resize', ('', 'resize', 'native'))):
     value = _get(config, key)
     if value is not None and value not in allowed:
