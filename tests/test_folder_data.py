@@ -168,22 +168,18 @@ def test_split_folders_beside_or_inside(tmp_path, shapes):
   assert sorted(pairs) == ['train', 'val'] and len(pairs['train']) == 24  # test/ is optional.
 
 
-def test_a_list_naming_a_missing_image_is_an_error(tmp_path, shapes):
+@pytest.mark.parametrize('listed, words', [
+    ('val_0000.jpg\nnot_there.jpg\n', r"val.txt:2: 'not_there.jpg' is not an image"),
+    # Listed twice, it would be trained on (or scored) twice: the line and the first are named.
+    ('val_0000.jpg\nval_0001\nval_0000\n',
+     r"val.txt:3: 'val_0000' listed twice \(first on line 1\)"),
+])
+def test_a_list_naming_a_missing_or_repeated_image_is_an_error(tmp_path, listed, words):
   root = tmp_path / 'data'
   synthetic.write_shapes_folder(root, 'ids', 'lists', counts=(4, 2, 2))
-  (root / 'val.txt').write_text('val_0000.jpg\nnot_there.jpg\n')
+  (root / 'val.txt').write_text(listed)
   spec = folder.spec_of(_config(tmp_path, root, 'ids', 'lists').data)
-  with pytest.raises(DataError, match=r"val.txt:2: 'not_there.jpg' is not an image"):
-    folder.split_pairs(root, spec)
-
-
-def test_an_image_listed_twice_is_an_error(tmp_path):
-  """It would be trained on (or scored) twice: the line and the first one are named."""
-  root = tmp_path / 'data'
-  synthetic.write_shapes_folder(root, 'ids', 'lists', counts=(4, 2, 2))
-  (root / 'val.txt').write_text('val_0000.jpg\nval_0001\nval_0000\n')
-  spec = folder.spec_of(_config(tmp_path, root, 'ids', 'lists').data)
-  with pytest.raises(DataError, match=r"val.txt:3: 'val_0000' listed twice \(first on line 1\)"):
+  with pytest.raises(DataError, match=words):
     folder.split_pairs(root, spec)
 
 
@@ -249,7 +245,8 @@ def test_images_are_stored_as_predict_reads_them(tmp_path):
   assert shown.shape == (56, 40, 3)
   image, _ = camvid.check_pair(tmp_path / 'phone.jpg', tmp_path / 'phone_label.png')
   np.testing.assert_array_equal(np.asarray(image), shown)
-  with pytest.raises(camvid.DataError, match=r'raw_label\.png: label size 56x40 != image size 40x56'):
+  with pytest.raises(camvid.DataError,
+                     match=r'raw_label\.png: label size 56x40 != image size 40x56'):
     camvid.check_pair(tmp_path / 'phone.jpg', tmp_path / 'raw_label.png')
   grey = (np.arange(40 * 56).reshape(40, 56) * 4000 // (40 * 56)).astype(np.uint16)
   Image.fromarray(grey).save(tmp_path / 'deep.png')  # 16-bit grey, 0..3998.
