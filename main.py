@@ -85,17 +85,26 @@ def parse_flags(argv):
   run) as one line, not a traceback."""
   config_file = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')),
                      next((b for a, b in zip(argv[1:], argv[2:]) if a == '--config'), '?'))
+  none = f'error: --config={config_file}: get_config() returned None (a missing return?)'
   try:
     return FLAGS(argv)
   except flags.Error as e:
+    if 'Traceback (most recent call last)' in str(e):  # ml_collections wraps get_config()'s error.
+      sys.exit(f'error: --config={config_file}: get_config() raised {_last_line(e)}')
+    if str(e).endswith('must have a value other than None.'):
+      sys.exit(none)
     sys.exit(f'error: {e}')
   except SyntaxError as e:
     sys.exit(f'error: --config={config_file}: {e.msg} at line {e.lineno}')
   except AttributeError as e:
     if 'get_config' in str(e):
       sys.exit(f'error: --config={config_file}: the file defines no get_config()')
+    if "Attribute <class 'NoneType'>" in str(e):  # An override flag on a None config.
+      sys.exit(none)
     _unknown_key(argv, e)
   except KeyError as e:
+    if "Attribute <class 'NoneType'>" in str(e):
+      sys.exit(none)
     _unknown_key(argv, e)
   except (TypeError, ValueError) as e:
     sys.exit(f'error: bad config value: {e}')

@@ -43,7 +43,8 @@ def check_keys(config) -> None:
 def check(mode: str, config) -> None:
   """Raises ConfigError naming the first bad value of `config` for `mode`."""
   check_keys(config)
-  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'predict.batch_size'):
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'predict.batch_size',
+              'data.num_classes'):
     _positive_int(config, key)
   if mode == 'train':
     _positive_int(config, 'num_epochs')

@@ -68,6 +68,7 @@ def test_every_shipped_config_passes(name):
     ('eval.checkpoint', 'last', "'best', 'latest', got 'last'"),
     ('predict.resize', 'crop', "'', 'resize', 'native', got 'crop'"),
     ('predict.alpha', 1.5, 'in [0, 1]'),
+    ('data.num_classes', 0, 'positive integer'),  # Was a ZeroDivisionError traceback.
 ])
 def test_bad_value_names_its_key(key, value, words):
   config = _config()
@@ -134,12 +135,16 @@ def _main(tmp_path, *args):
     ('x = 1\n', 'defines no get_config()'),
     ('def get_config():\n  raise RuntimeError("no GPU here")\n',
      'get_config() raised RuntimeError: no GPU here'),
+    # ml_collections wraps a ValueError with its traceback (which was printed whole).
+    ('def get_config():\n  raise ValueError("boom")\n', 'get_config() raised ValueError: boom'),
+    ('def get_config():\n  return None\n', 'get_config() returned None'),
 ])
-def test_config_file_that_does_not_load_is_one_line(tmp_path, text, words):
+@pytest.mark.parametrize('flag', [[], ['--config.seed=1']])
+def test_config_file_that_does_not_load_is_one_line(tmp_path, text, words, flag):
   path = tmp_path / 'my_config.py'
   if text is not None:
     path.write_text(text)
-  err = one_error_line(_main(tmp_path, f'--config={path}'))
+  err = one_error_line(_main(tmp_path, f'--config={path}', *flag))
   assert str(path) in err and words in err, err
   assert not (tmp_path / 'run').exists()
 
