@@ -102,6 +102,13 @@ def restore(manager, step: int, abstract_state) -> tuple[Any, dict]:
   A state of another shape raises CheckpointError naming the first array that differs; nothing is
   written. (The data position needs no restoring: the training iterator starts at `step`.)
   """
+  try:
+    stored = manager.item_metadata(step)['state']
+  except Exception:  # pylint: disable=broad-except  # Unreadable: restore itself says why.
+    stored = True
+  if getattr(stored, 'tree', stored) is None:  # Its _METADATA is gone: say so, as evaluate does.
+    raise CheckpointError(f'checkpoint {step} in {manager.directory} has no metadata (an '
+                          'incomplete copy, or corrupt); use another --workdir')
   mismatch = first_mismatch(manager, step, abstract_state)
   if mismatch:
     raise CheckpointError(f'checkpoint {step} in {manager.directory} holds another model '

@@ -113,7 +113,12 @@ def _stored_weights(path: str, which: str = 'best'):
       step = checkpoints.select_step(manager, which)
       if step is None:
         manager.close()
-        raise train.RunError(f'no checkpoint in {os.path.join(path, checkpoints.CHECKPOINT_DIR)}')
+        ckpt_dir = os.path.join(path, checkpoints.CHECKPOINT_DIR)
+        if which == 'best' and any(n.isdigit() for n in os.listdir(ckpt_dir)):
+          raise train.RunError(f'{ckpt_dir}: no checkpoint records its {best_metric} (their '
+                               'metrics are missing: an incomplete copy?); pass '
+                               '--config.eval.checkpoint=latest')
+        raise train.RunError(f'no checkpoint in {ckpt_dir}')
       tree = manager.item_metadata(step)['state']
       tree = getattr(tree, 'tree', tree)
       if tree is None:
@@ -172,11 +177,16 @@ def _merged(base: dict, update: dict) -> dict:
 
 
 def _best_metric(workdir: str):
+  """The run's best_metric from its config.json; None when the file is missing or names none."""
+  path = os.path.join(workdir, 'config.json')
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      return json.load(f).get('best_metric')
-  except (OSError, ValueError, AttributeError):  # Missing, not JSON, or not an object.
+    with open(path) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
     return None
+  except (OSError, ValueError) as e:
+    raise train.RunError(f'{path}: cannot read the run\'s config ({e})') from None
+  return stored.get('best_metric') if isinstance(stored, dict) else None
 
 
 def trained_state(config, workdir: str):

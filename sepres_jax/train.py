@@ -96,14 +96,20 @@ def check_resumed_config(config, workdir: str) -> list[str]:
   """
   path = os.path.join(workdir, 'config.json')
   ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
-  if not (os.path.isfile(path) and os.path.isdir(ckpt_dir)
-          and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+  if not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
     return []
+  if not os.path.isfile(path):  # Written before the first checkpoint: removed or not copied.
+    raise RunError(f'{path}: missing, but {ckpt_dir} holds checkpoints: the resume cannot be '
+                   'checked against the config they were trained with (restore the file, or use '
+                   'another --workdir)')
   try:
     with open(path) as f:
-      stored = traverse_util.flatten_dict(json.load(f), sep='.')
+      stored = json.load(f)
   except (OSError, ValueError) as e:
     raise RunError(f'{path}: cannot read the run\'s config ({e})') from None
+  if not isinstance(stored, dict):
+    raise RunError(f'{path}: not a JSON object (the run\'s config)')
+  stored = traverse_util.flatten_dict(stored, sep='.')
   now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
   changed = [k for k in sorted(stored.keys() & now.keys()) if stored[k] != now[k]]
   fixed = lambda k: k not in RESUME_FREE and any(k == f or (f.endswith('.') and k.startswith(f))

@@ -131,7 +131,7 @@ def training_curves(workdir: str):
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
       metric = json.load(f).get('best_metric', 'val_miou')
-  except (OSError, ValueError):
+  except (OSError, ValueError, AttributeError):  # Missing, not JSON, or not an object.
     metric = 'val_miou'
   best = [r for r in history if r.get('best') and metric in r]
   title = f'{os.path.basename(workdir)}: {len(history)} epochs'

@@ -231,12 +231,17 @@ def test_checkpoint_of_another_model_is_one_line_and_touches_nothing(shared, ref
   assert err.startswith(f'error: {workdir} holds a run trained with another config: '
                         'model.head_width 32 -> 48'), err
   assert _digest(workdir) == before
-  # Without config.json (a copy of the checkpoints alone) the checkpoint's shapes say it.
+  # Without config.json (a copy of the checkpoints alone) nothing says what they were trained
+  # with: refused, whatever changed (before, a changed seed or best_metric resumed silently).
   (workdir / 'config.json').unlink()
   before = _digest(workdir)
-  err = one_error_line(_run(workdir, shared, '--config.num_epochs=3', '--config.model.head_width=48'))
-  assert str(workdir) in err and 'another model' in err and '(32' in err, err
-  assert _digest(workdir) == before
+  for flags in (('--config.model.head_width=48',), ('--config.seed=5',)):
+    err = one_error_line(_run(workdir, shared, '--config.num_epochs=3', *flags))
+    assert err.startswith(f'error: {workdir / "config.json"}: missing, but '), err
+    assert _digest(workdir) == before
+  (workdir / 'config.json').write_text('[]')  # Valid JSON, not a config: was a traceback.
+  err = one_error_line(_run(workdir, shared, '--config.num_epochs=3'))
+  assert err == f'error: {workdir / "config.json"}: not a JSON object (the run\'s config)', err
 
 
 @pytest.mark.slow
@@ -264,16 +269,25 @@ def test_corrupt_or_incomplete_checkpoint_is_one_line_and_touches_nothing(shared
   for path in (incomplete / 'checkpoints').rglob('*'):
     if path.name in ('_CHECKPOINT_METADATA', '_METADATA'):
       path.unlink()
-  before = {w: _digest(w) for w in (corrupt, incomplete)}
+  no_metrics = tmp_path / 'no_metrics'  # Best by a metric no checkpoint holds any more.
+  shutil.copytree(reference, no_metrics)
+  for path in (no_metrics / 'checkpoints').glob('*/metrics'):
+    shutil.rmtree(path)
+  before = {w: _digest(w) for w in (corrupt, incomplete, no_metrics)}
   cases = [
       (corrupt, ('--config.num_epochs=3',), f'checkpoint {step} in {corrupt}/checkpoints cannot '
        'be read'),
       (corrupt, ('--mode=evaluate',), f'{corrupt}: cannot read its weights'),
       (incomplete, ('--mode=evaluate',), f'checkpoint {step} has no metadata'),
+      # Training said "cannot be read (pytree structure error: ...)".
+      (incomplete, ('--config.num_epochs=3',), f'checkpoint {step} in {incomplete}/checkpoints '
+       'has no metadata'),
+      # Evaluate said "no checkpoint in", of a folder that holds them.
+      (no_metrics, ('--mode=evaluate',), 'no checkpoint records its val_miou'),
   ]
   for workdir, args, words in cases:
     out = _run(workdir, shared, *args)
     err = one_error_line(out)
     assert words in err, err
     assert 'Exception ignored' not in out.stderr, out.stderr[-3000:]
-  assert {w: _digest(w) for w in (corrupt, incomplete)} == before
+  assert {w: _digest(w) for w in (corrupt, incomplete, no_metrics)} == before

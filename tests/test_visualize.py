@@ -146,3 +146,20 @@ def test_tensorboard_pictures_pad_each_image_as_validation_does(tiny_config):
   pictures = visualize.ValidationPictures(c, source, info, apply_fn=None)
   got = sorted((members, batch.shape[1:3]) for members, batch in pictures.batches)
   assert got == [([0, 2], (64, 96)), ([1], (128, 96))]  # Before: one batch, all at 128x96.
+
+
+def test_curves_and_evaluate_read_a_config_json_that_is_not_an_object(tmp_path):
+  """config.json of `[]` (valid JSON, no config): the curves fall back to val_miou (it was an
+  AttributeError traceback); evaluate's best-metric lookup names the file when it is not JSON."""
+  from sepres_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sepres_jax import train  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'history.json').write_text(json.dumps(
+      [{'epoch': 1, 'train_loss': 1.0, 'val_loss': 1.2, 'val_miou': 0.3, 'lr': 1e-3,
+        'best': True}]))
+  (tmp_path / 'config.json').write_text('[]')
+  path = visualize.training_curves(str(tmp_path))
+  assert path and os.path.isfile(path)
+  assert evaluate._best_metric(str(tmp_path)) is None  # pylint: disable=protected-access
+  (tmp_path / 'config.json').write_text('{"best_metric": ')
+  with pytest.raises(train.RunError, match=r'config.json: cannot read the run\'s config'):
+    evaluate._best_metric(str(tmp_path))  # pylint: disable=protected-access
