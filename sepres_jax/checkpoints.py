@@ -104,12 +104,14 @@ def restore(manager, step: int, abstract_state) -> tuple[Any, dict]:
   """
   try:
     stored = manager.item_metadata(step)['state']
+    stored = getattr(stored, 'tree', stored)
   except Exception:  # pylint: disable=broad-except  # Unreadable: restore itself says why.
-    stored = True
-  if getattr(stored, 'tree', stored) is None:  # Its _METADATA is gone: say so, as evaluate does.
-    raise CheckpointError(f'checkpoint {step} in {manager.directory} has no metadata (an '
-                          'incomplete copy, or corrupt); use another --workdir')
-  mismatch = first_mismatch(manager, step, abstract_state)
+    stored = None
+  else:
+    if stored is None:  # Its _METADATA is gone: say so, as evaluate does.
+      raise CheckpointError(f'checkpoint {step} in {manager.directory} has no metadata (an '
+                            'incomplete copy, or corrupt); use another --workdir')
+  mismatch = stored is not None and first_mismatch(stored, abstract_state)
   if mismatch:
     raise CheckpointError(f'checkpoint {step} in {manager.directory} holds another model '
                           f'({mismatch}); use another --workdir, or the config it was trained with')
@@ -123,15 +125,9 @@ def restore(manager, step: int, abstract_state) -> tuple[Any, dict]:
   return restored['state'], restored['meta']
 
 
-def first_mismatch(manager, step, abstract_state) -> Optional[str]:
-  """'path: checkpoint shape vs model shape' of the first differing array, or None."""
-  try:
-    stored = manager.item_metadata(step)['state']
-    stored = getattr(stored, 'tree', stored)
-  except Exception:  # pylint: disable=broad-except  # No metadata: let restore itself judge.
-    return None
-  if stored is None:
-    return None
+def first_mismatch(stored, abstract_state) -> Optional[str]:
+  """'path: checkpoint shape vs model shape' of the first differing array of a checkpoint's
+  state metadata tree `stored`, or None."""
   flat_stored, flat_model = _flat_shapes(stored), _flat_shapes(abstract_state)
   averaged = [any(k.startswith('ema/') for k in flat) for flat in (flat_stored, flat_model)]
   if averaged[0] != averaged[1]:
