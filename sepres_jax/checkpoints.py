@@ -176,6 +176,20 @@ def abstract_like(tree):
       tree)
 
 
-def path_list(value: str) -> list[str]:
-  """The comma-separated paths of a config field (eval.ensemble, distill.teacher), in order."""
-  return [p.strip() for p in str(value).split(',') if p.strip()]
+def path_list(value: str, field: str = '', taken: tuple[str, ...] = ()) -> list[str]:
+  """The comma-separated paths of a config field (eval.ensemble, distill.teacher), in order.
+
+  With `field` (its name, for the message), a path named twice, or naming one of `taken` (e.g.
+  init_from's weights), raises CheckpointError: averaged weights would silently count it twice.
+  """
+  paths = [p.strip() for p in str(value).split(',') if p.strip()]
+  if field:
+    seen = {os.path.realpath(os.path.expanduser(t)) for t in taken if t}
+    for path in paths:
+      real = os.path.realpath(os.path.expanduser(path))
+      if real in seen:
+        with_taken = ' (with init_from, or in the list)' if any(taken) else ''
+        raise CheckpointError(f'config.{field}: {path} is named twice{with_taken}: each member '
+                              'counts once')
+      seen.add(real)
+  return paths

@@ -44,7 +44,7 @@ def enabled(config) -> bool:
   from sepres_jax import train  # pylint: disable=g-import-not-at-top
   if float(d.weight) < 0:
     raise train.RunError(f'config.distill.weight must be >= 0, got {d.weight}')
-  if not checkpoints.path_list(config.distill.teacher):
+  if not checkpoints.path_list(config.distill.teacher, 'distill.teacher'):
     raise train.RunError('config.distill.weight > 0 needs config.distill.teacher (a workdir or a '
                          'pretrained/<name> folder)')
   return True
@@ -147,7 +147,7 @@ def teacher_probabilities(config, source, mesh, workdir: str | None = None) -> l
   d = config.distill
   model = models.create_model(config, train.num_outputs(config))
   state = train.create_train_state(config, model, jax.random.key(0), mesh)
-  teachers = checkpoints.path_list(config.distill.teacher)
+  teachers = checkpoints.path_list(config.distill.teacher, 'distill.teacher')
   variables = [evaluate.load_weights(p, state) for p in teachers]
   path = cache_path(workdir) if workdir and d.cache else None
   if path:

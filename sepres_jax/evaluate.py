@@ -214,15 +214,8 @@ def members(config, state) -> list[dict]:
 def ensemble_paths(config) -> list[str]:
   """config.eval.ensemble's paths, in order ([] when unset); one named twice (or the init_from
   weights again) would silently count twice, so it is an error."""
-  paths = checkpoints.path_list(config.eval.get('ensemble', ''))
-  seen = {os.path.realpath(os.path.expanduser(config.init_from))} if config.init_from else set()
-  for path in paths:
-    real = os.path.realpath(os.path.expanduser(path))
-    if real in seen:
-      raise train.RunError(f'config.eval.ensemble: {path} is named twice (with init_from, or in '
-                           'the list): each member counts once')
-    seen.add(real)
-  return paths
+  return checkpoints.path_list(config.eval.get('ensemble', ''), 'eval.ensemble',
+                               (config.init_from,))
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -296,8 +289,9 @@ def result_name(config, split: str) -> str:
   pass, else with the averaging added (`test_ens2_flip_x0.75-1-1.25`), so that one evaluation
   does not overwrite another's scores."""
   parts = [split]
-  if ensemble_paths(config):
-    parts.append(f'ens{len(ensemble_paths(config)) + 1}')
+  others = ensemble_paths(config)
+  if others:
+    parts.append(f'ens{len(others) + 1}')
   if config.eval.flip:
     parts.append('flip')
   scales = [float(s) for s in config.eval.scales]

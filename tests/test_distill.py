@@ -12,6 +12,7 @@ import pytest
 from conftest import weights_folder
 from configs import default
 from sepres_jax import augment
+from sepres_jax import checkpoints
 from sepres_jax import distill
 from sepres_jax import input_pipeline
 from sepres_jax import train
@@ -121,6 +122,13 @@ def test_weight_without_teacher_is_a_one_line_error(tiny_config):
   tiny_config.distill.weight = -1.0
   with pytest.raises(train.RunError, match='config.distill.weight'):
     distill.enabled(tiny_config)
+  # A teacher named twice (its own spelling or another) would count twice in the average.
+  tiny_config.distill.weight = 1.0
+  tiny_config.distill.teacher = 'runs/a, runs/b/../a'
+  with pytest.raises(checkpoints.CheckpointError, match='distill.teacher: runs/b/../a is named'):
+    distill.enabled(tiny_config)
+  tiny_config.init_from = tiny_config.distill.teacher = 'runs/a'  # Its own init: allowed.
+  assert distill.enabled(tiny_config)
 
 
 def test_a_run_distils_from_a_teacher(tiny_config, tmp_path):

@@ -181,7 +181,7 @@ def test_evaluate_names_what_it_cannot_read_or_write_and_keeps_the_old_scores(tr
   assert evaluate.ensemble_paths(config) == ['a', f'{tmp_path}/x/../a']
   for twice in (f'{tmp_path}/a,{tmp_path}/x/../a', f'{tmp_path}/nocfg'):
     config.eval.ensemble, config.init_from = twice, str(tmp_path / 'nocfg')
-    with pytest.raises(evaluate.train.RunError, match='named twice'):
+    with pytest.raises(evaluate.checkpoints.CheckpointError, match='named twice'):
       evaluate.ensemble_paths(config)
 
 
