@@ -32,8 +32,9 @@ from sepres_jax import visualize
 WEIGHTS_DIR = 'weights'  # pretrained/<name>/weights: an orbax checkpoint of params + batch_stats.
 
 
-def load_weights(path: str, state, new_layers_ok: bool = False) -> dict:
-  """{'params', 'batch_stats'} from a workdir's best checkpoint or a pretrained/<name> folder.
+def load_weights(path: str, state, new_layers_ok: bool = False, which: str = 'best') -> dict:
+  """{'params', 'batch_stats'} from a workdir's best (or `which`) checkpoint or a
+  pretrained/<name> folder (which holds one set of weights).
 
   Every array the checkpoint holds must be in this model with the same shape, and (evaluation,
   prediction) every array of this model in the checkpoint. With `new_layers_ok` (fine-tuning a
@@ -41,7 +42,7 @@ def load_weights(path: str, state, new_layers_ok: bool = False) -> dict:
   `state`. Only the weights are read, so any optimiser's checkpoint loads.
   """
   path = os.path.abspath(os.path.expanduser(path))
-  stored, location, _, under = _stored_weights(path)
+  stored, location, _, under = _stored_weights(path, which)
   return _fitted(path, state, stored, location, new_layers_ok, under)
 
 
@@ -194,8 +195,13 @@ def trained_state(config, workdir: str):
   mesh = train.make_mesh()
   model = models.create_model(config, train.num_outputs(config))
   state = train.create_train_state(config, model, jax.random.key(config.seed), mesh)
-  if config.init_from:
-    return model, state.replace(**load_weights(config.init_from, state)), mesh, config.init_from
+  if config.init_from:  # eval.checkpoint picks among a workdir's checkpoints there too.
+    which = config.eval.checkpoint
+    weights = load_weights(config.init_from, state, which=which)
+    origin = config.init_from
+    if which != 'best' and not os.path.isdir(os.path.join(os.path.expanduser(origin), WEIGHTS_DIR)):
+      origin += f' ({which} checkpoint)'
+    return model, state.replace(**weights), mesh, origin
   weights, step = restore_weights(os.path.abspath(workdir), config.eval.checkpoint, state)
   state = state.replace(**weights)
   return model, state, mesh, f'{config.eval.checkpoint} checkpoint (step {step})'

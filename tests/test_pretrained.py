@@ -164,6 +164,35 @@ def test_fine_tuning_a_grown_model_keeps_what_the_checkpoint_holds(packed_run, t
     evaluate.restore_weights(os.fspath(grown_dir), 'best', state_of(fine_skips=2))
 
 
+def test_init_from_a_workdir_follows_eval_checkpoint(packed_run, tmp_path):
+  """evaluate/predict/export with init_from=<workdir> read the checkpoint eval.checkpoint names
+  (it always read the best: --config.eval.checkpoint=latest was silently ignored)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from sepres_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config, workdir, _, _, _ = packed_run
+  config = config.copy_and_resolve_references()
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  # A later, worse checkpoint: the latest is no longer the best.
+  _, state, _, _ = evaluate.trained_state(config, os.fspath(copy))
+  manager = checkpoints.create_manager(os.fspath(copy), config.best_metric)
+  best = manager.latest_step()
+  _, meta = checkpoints.restore(manager, best, checkpoints.abstract_like(state))
+  worse = -1e9 if checkpoints.metric_mode(config.best_metric) == 'max' else 1e9
+  later = state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params))
+  checkpoints.save(manager, best + 1, later, meta, {config.best_metric: worse})
+  checkpoints.wait(manager)
+  manager.close()
+  kernel = lambda s: np.asarray(s.params['stem']['kernel'])
+  config.init_from = os.fspath(copy)
+  for which, expected in (('best', kernel(state)), ('latest', kernel(later))):
+    config.eval.checkpoint = which
+    _, loaded, _, origin = evaluate.trained_state(config, os.fspath(tmp_path / 'elsewhere'))
+    np.testing.assert_array_equal(kernel(loaded), expected)
+    assert origin == os.fspath(copy) + (' (latest checkpoint)' if which == 'latest' else '')
+
+
 def test_every_shipped_model_is_small_and_complete():
   assert SHIPPED, 'no pretrained/<name>/ folder with weights/ in the repository'
   for folder in SHIPPED:
