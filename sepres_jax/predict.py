@@ -250,14 +250,26 @@ def label_maps(config, forward: Forward, rgbs, images=None) -> list[np.ndarray]:
   `images` are their `model_input`s (computed when None), all of one shape.
   """
   images = [model_input(config, rgb) for rgb in rgbs] if images is None else images
-  x = np.zeros((max(1, int(config.predict.batch_size)), *images[0].shape), np.float32)
-  x[:len(images)] = images  # Full batches: one compilation per input shape.
+  size = padded_batch(len(images), int(config.predict.batch_size), forward.mesh.devices.size)
+  x = np.zeros((size, *images[0].shape), np.float32)
+  x[:len(images)] = images
   logits = forward.logits(x)
   if input_mode(config) == 'native':  # Crop the padding off.
     all_ids = forward.class_ids(logits)
     return [all_ids[k, :rgb.shape[0], :rgb.shape[1]] for k, rgb in enumerate(rgbs)]
   # Resize: the logits back to each image's size, as evaluation does.
   return [forward.class_ids(logits[k:k + 1], rgb.shape[:2])[0] for k, rgb in enumerate(rgbs)]
+
+
+def padded_batch(n: int, batch_size: int, devices: int = 1) -> int:
+  """The batch that `n` images of one shape run in: the next power of two, at most batch_size,
+  then a multiple of the devices. A few compilations per input shape (1, 2, 4, ... batch_size),
+  and a single photo is not padded to batch_size copies of its memory."""
+  size = 1
+  while size < n:
+    size *= 2
+  size = max(n, min(size, max(1, batch_size)))
+  return -(-size // devices) * devices
 
 
 def predict_files(config, forward: Forward, paths, out_dir: str) -> tuple[int, list[str]]:

@@ -98,6 +98,33 @@ def test_prediction_equals_evaluation_path(trained, tmp_path, mode):
   np.testing.assert_array_equal(ids, per_example['pred'][k][:h, :w])
 
 
+def test_few_images_run_in_a_small_batch_with_the_same_classes(trained):
+  """label_maps pads n images to the next power of two (at most predict.batch_size, a multiple
+  of the devices), not to a full batch: one large photo took batch_size copies of its memory."""
+  assert [predict.padded_batch(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+  assert [predict.padded_batch(n, 6) for n in (3, 5, 6)] == [4, 6, 6]
+  assert [predict.padded_batch(n, 8, devices=2) for n in (1, 3)] == [2, 4]
+  assert predict.padded_batch(3, 3, devices=2) == 4
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.input = 'native'
+  config.predict.batch_size = 8
+  _, state, _, _ = evaluate.trained_state(config, workdir)
+  forward = predict.Forward(state.apply_fn, {'params': state.params,
+                                             'batch_stats': state.batch_stats})
+  sizes, logits = [], forward.logits
+  forward.logits = lambda x: sizes.append(len(x)) or logits(x)
+  source = input_pipeline.load_sources(config.data)[0]['train']
+  rgbs = [np.asarray(source[i]['image']) for i in range(3)]
+  one = predict.label_maps(config, forward, rgbs[:1])
+  three = predict.label_maps(config, forward, rgbs)
+  assert sizes == [1, 4]
+  config.predict.batch_size = 1
+  for rgb, ids in zip(rgbs, three):  # The padding changes no image's classes.
+    np.testing.assert_array_equal(ids, predict.label_maps(config, forward, [rgb])[0])
+  np.testing.assert_array_equal(one[0], three[0])
+
+
 def test_ensemble_in_evaluate_and_predict(trained, tmp_path, capsys):
   """eval.ensemble: evaluate and predict average the members' probabilities, the same way."""
   config, workdir = trained
