@@ -440,10 +440,11 @@ class _EvalBatch:
     self.process_index = process_index
     self.process_count = process_count
     self.size = size
-    self.native_hw = tuple(source[0]['label'].shape[:2]) if len(source) else (0, 0)
 
   def __call__(self, batch_number):
-    global_indices, (height, width) = self.plan[batch_number]
+    global_indices, plan_hw = self.plan[batch_number]
+    # With `size` the plan groups by native size (the labels'), else by padded image size.
+    height, width = self.size or plan_hw
     local_batch = len(global_indices) // self.process_count
     indices = global_indices[self.process_index * local_batch:
                              (self.process_index + 1) * local_batch]
@@ -453,12 +454,7 @@ class _EvalBatch:
       example = self.source[int(i)]
       images.append(preprocess_image(example['image'], self.data_config, self.size))
       labels.append(preprocess_label(example['label'], None if self.native_labels else self.size))
-    label_hw = (height, width)
-    if self.native_labels:
-      label_hw = self.native_hw
-      if any(l.shape != label_hw for l in labels):
-        raise DataError(f'eval.input=resize needs one image size per split: '
-                        f'{[l.shape for l in labels]} vs {label_hw}; use eval.input=native')
+    label_hw = tuple(plan_hw) if self.native_labels else (height, width)
     channels = 6 if self.data_config.lab else 3
     image_batch = np.zeros((local_batch, height, width, channels), np.float32)
     label_batch = np.full((local_batch, *label_hw), -1, np.int32)
@@ -469,22 +465,25 @@ class _EvalBatch:
             'index': indices.astype(np.int32)}
 
 
-_PADDED_SHAPES = {}  # id(source) -> (source, shapes): one pass per source, not one per epoch.
+_SHAPES = {}  # id(source) -> (source, shapes): one pass per source, not one per epoch.
+
+
+def native_shapes(source) -> list[tuple[int, int]]:
+  """Each example's image (H, W) (reads every example once per source)."""
+  cached = _SHAPES.get(id(source))
+  if cached is not None and cached[0] is source:
+    return cached[1]
+  shapes = [tuple(source[i]['image'].shape[:2]) for i in range(len(source))]
+  if len(_SHAPES) >= 8:
+    _SHAPES.clear()
+  _SHAPES[id(source)] = (source, shapes)
+  return shapes
 
 
 def padded_shapes(source) -> list[tuple[int, int]]:
-  """Each example's image (H, W) rounded up to multiples of PAD_MULTIPLE (reads every example)."""
-  cached = _PADDED_SHAPES.get(id(source))
-  if cached is not None and cached[0] is source:
-    return cached[1]
-  shapes = []
-  for i in range(len(source)):
-    h, w = source[i]['image'].shape[:2]
-    shapes.append((_round_up(h, PAD_MULTIPLE), _round_up(w, PAD_MULTIPLE)))
-  if len(_PADDED_SHAPES) >= 8:
-    _PADDED_SHAPES.clear()
-  _PADDED_SHAPES[id(source)] = (source, shapes)
-  return shapes
+  """Each example's image (H, W) rounded up to multiples of PAD_MULTIPLE."""
+  return [(_round_up(h, PAD_MULTIPLE), _round_up(w, PAD_MULTIPLE))
+          for h, w in native_shapes(source)]
 
 
 def eval_plan(shapes, global_batch_size: int, multiple: int = 1):
@@ -536,14 +535,18 @@ def eval_batches(source, data_config, *, global_batch_size, process_index=0, pro
   Native resolution (each image padded bottom/right to its own multiple of 32: images of
   different padded sizes go into different batches, see `eval_plan`) unless `resize` (default:
   data.eval_resize) resizes images to data.image_size; `native_labels` then keeps the labels at
-  the native size, for scoring logits resized back (all images of the split one size). Padded
+  the native size, for scoring logits resized back (batches then group images of one native
+  size, so a split of mixed sizes is scored too). Padded
   pixels and padded examples have label -1; `valid` marks real examples, `index` their position in
   the source (-1 for padding). Padded image pixels are 0.
   """
   _local_batch_size(global_batch_size, process_index, process_count)  # Checks the arguments.
   resize = data_config.eval_resize if resize is None else resize
   size = tuple(int(s) for s in data_config.image_size) if resize else None
-  shapes = [size] * len(source) if size else padded_shapes(source)
+  if size:
+    shapes = native_shapes(source) if native_labels else [size] * len(source)
+  else:
+    shapes = padded_shapes(source)
   plan = eval_plan(shapes, global_batch_size, math.lcm(int(multiple), process_count))
   ds = (grain.MapDataset.range(len(plan))
         .map(_EvalBatch(source, data_config, plan, process_index, process_count, size,

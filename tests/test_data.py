@@ -447,6 +447,24 @@ def test_native_eval_pads_each_image_to_its_own_multiple(process_count):
       == (32, 64)
 
 
+def test_resized_eval_of_mixed_sizes_scores_each_at_its_native_size():
+  """eval.input=resize (configs/custom.py's) on a split of several sizes: images resized, labels
+  kept at each image's native size, batches grouped by it. It was a DataError at the first
+  validation, after a whole epoch of training."""
+  config = data_config('/unused', eval_resize=False)
+  source = MixedSource(7, width=40)
+  size = tuple(int(s) for s in config.image_size)
+  seen = {}
+  for batch in input_pipeline.eval_batches(source, config, global_batch_size=4, resize=True,
+                                           native_labels=True):
+    assert batch['image'].shape[1:3] == size
+    for k in np.flatnonzero(batch['valid']):
+      i = int(batch['index'][k])
+      seen[i] = batch['label'].shape[1:3]
+      assert (batch['label'][k] == i % 12).all()  # Its own label, no padding.
+  assert seen == {i: ((40, 70) if i % 2 else (8, 40)) for i in range(7)}
+
+
 def test_even_batch_size():
   assert input_pipeline.even_batch_size(101, 32) == 26  # CamVid val: 4 batches, 3 padded (not 27).
   assert input_pipeline.even_batch_size(233, 32) == 30  # CamVid test: 8 batches, 7 padded (not 23).
