@@ -475,8 +475,16 @@ class EpochRules:
             'stop_best': self.stop_best, 'stop_wait': self.stop_wait}
 
   def load_state_dict(self, d: dict) -> None:
+    saved = dict(d['plateau'])
+    # A resume may shorten plateau.patience or cooldown: optax cuts when the count *equals*
+    # patience, so a saved count at or past the new one would never cut again. As Keras does
+    # (wait >= patience), the next epoch without improvement then cuts.
+    p = self.config.plateau
+    if int(p.patience) > 0:
+      saved['plateau_count'] = min(int(saved['plateau_count']), int(p.patience) - 1)
+    saved['cooldown_count'] = min(int(saved['cooldown_count']), int(p.cooldown))
     self.plateau_state = type(self.plateau_state)(**{
-        k: jnp.asarray(d['plateau'][k], getattr(self.plateau_state, k).dtype)
+        k: jnp.asarray(saved[k], getattr(self.plateau_state, k).dtype)
         for k in self.plateau_state._fields})
     self.stop_best, self.stop_wait = d['stop_best'], d['stop_wait']
 

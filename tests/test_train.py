@@ -165,6 +165,17 @@ def test_plateau_and_early_stopping(tiny_config):
   restored = train.EpochRules(c)
   restored.load_state_dict(rules.state_dict())
   assert restored.state_dict() == rules.state_dict()
+  # A resume with a shorter patience (its count already past it) cuts at the next stalled
+  # epoch, as Keras' `wait >= patience` does; optax's `==` never cut again.
+  c.plateau.patience, c.early_stopping.patience = 5, 0
+  long = train.EpochRules(c)
+  for acc in (0.5, 0.5, 0.5, 0.5, 0.5):
+    assert long.update({'val_accuracy': acc, 'val_loss': 1.0}) == (False, False)
+  c.plateau.patience = 2
+  short = train.EpochRules(c)
+  short.load_state_dict(long.state_dict())
+  assert short.update({'val_accuracy': 0.5, 'val_loss': 1.0})[0]
+  assert short.scale == pytest.approx(0.01)
 
 
 def test_eval_step_scores_resized_logits_at_label_size(tiny_config):
