@@ -15,9 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class StoppedBeforeTraining(KeyboardInterrupt):
+  """A stop request that came during start-up (one process): nothing to save. A KeyboardInterrupt,
+  so that no `except Exception` on the way (a file read's) turns it into another error."""
+
+
 class StopRequest:
   """Turns SIGTERM and SIGINT into a flag the loop reads at step boundaries.
 
+  Before the loop's first step (`started`), a single process stops at once (StoppedBeforeTraining).
   A second signal while the first is being handled stops at once (KeyboardInterrupt). Across
   processes the flag is agreed with one tiny all-gather, so every process stops at the same step
   (a preemption may signal only some of them).
@@ -27,9 +33,12 @@ class StopRequest:
 
   def __init__(self):
     self.signum: Optional[int] = None
+    self.started = False  # Set by the loop at its first step.
+    self._single_process = True
     self._previous = {}
 
   def __enter__(self):
+    self._single_process = jax.process_count() == 1
     if threading.current_thread() is threading.main_thread():
       for s in self.SIGNALS:
         self._previous[s] = signal.signal(s, self._handle)
@@ -45,6 +54,11 @@ class StopRequest:
     if self.signum is not None:
       raise KeyboardInterrupt
     self.signum = signum
+    if not self.started and self._single_process:
+      # Start-up (data, teacher, compilation) has nothing to save: stop now, not at the first
+      # step minutes later with an untrained checkpoint that would tie the workdir to this config.
+      raise StoppedBeforeTraining(f'{signal.Signals(signum).name} received before the first '
+                                  'training step: stopped; no checkpoint was saved')
     logging.warning('%s received: saving a checkpoint at the next step boundary',
                     signal.Signals(signum).name)
 

@@ -517,10 +517,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on train/, selects on val/; resumes from the latest checkpoint in `workdir`.
 
   SIGTERM or SIGINT saves a checkpoint at the next step boundary and returns (the record then has
-  'stopped': True). Returns the last epoch's record of the history.
+  'stopped': True); during start-up (one process) it stops at once and saves nothing. Returns the last epoch's record of the history.
   """
   with guards.StopRequest() as stop:
-    return _train_and_evaluate(config, workdir, stop)
+    logging.info('Starting the run in %s (SIGTERM or Ctrl-C stops it)', workdir)
+    try:
+      return _train_and_evaluate(config, workdir, stop)
+    except guards.StoppedBeforeTraining as e:
+      logging.warning('%s', e)
+      if jax.process_index() == 0:
+        print(f'{e}.', flush=True)
+      return {'stopped': True, 'step': 0}
 
 
 def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
@@ -636,10 +643,12 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
       writer.close()
 
   def stopped():
-    if step != last_saved:
+    if step != last_saved and steps_this_run:
       save_mid_epoch()
     close_run()
     message = f'Stopped at step {step}; run the same command again to resume.'
+    if last_saved is None:  # Several processes agree on a stop only at the first step.
+      message = f'Stopped before the first training step; nothing was saved in {workdir}.'
     logging.warning(message)
     if is_main:
       print(message, flush=True)
@@ -660,6 +669,7 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     logging.info('Early stopping ended this run after epoch %d (%s had not improved for %d '
                  'epochs); a longer early_stopping.patience trains on', epoch,
                  config.early_stopping.monitor, rules.stop_wait)
+  stop.started = True
   while epoch < config.num_epochs and not rules.stopped_early:
     lr = config.learning_rate * rules.scale
     step_state = stepper.to_step_state(set_learning_rate(stepper.from_step_state(step_state), lr))

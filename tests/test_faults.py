@@ -167,6 +167,26 @@ def test_stop_signal_saves_at_step_boundary_and_resumes_exactly(shared, referenc
   _assert_same_result(workdir, reference)
 
 
+def test_stop_during_start_up_saves_nothing(shared, tmp_path):
+  """A stop before the first step exits at once and saves no checkpoint: it saved an untrained
+  step-0 checkpoint after start-up, which tied the workdir to the config being abandoned."""
+  workdir = tmp_path / 'early'
+  proc, log = _start(workdir, shared)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if 'Starting the run in' in log.read_text():
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.01)
+  proc.wait(timeout=300)
+  text = log.read_text()
+  assert proc.returncode == 0, text[-3000:]
+  assert 'SIGTERM received before the first training step: stopped; no checkpoint was saved' \
+      in text, text[-2000:]
+  assert 'Traceback' not in text and 'epoch 1/' not in text
+  assert _steps(workdir) == []
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_checkpoints(shared, reference, tmp_path):
   workdir = tmp_path / 'nan'
