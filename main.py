@@ -38,6 +38,9 @@ def main(argv):
              '"--config.data.image_size=(352, 480)"')
   if FLAGS.workdir is None and FLAGS.mode not in _NO_WORKDIR_MODES:
     sys.exit(f'error: --mode={FLAGS.mode} needs --workdir=DIR')
+  if FLAGS.workdir is not None and not FLAGS.workdir.strip():  # An unset $RUN: not the cwd.
+    sys.exit(f'error: --workdir is empty (--mode={FLAGS.mode} would write into the current '
+             'directory); name a folder, e.g. --workdir=.')
   try:  # A config file that is missing fails at its first use, not when the flags are parsed.
     host = FLAGS.config.host_huge_pages, FLAGS.config.host_keep_memory
   except OSError as e:
@@ -62,17 +65,42 @@ def main(argv):
 
 
 def _initialize_distributed():
-  """jax.distributed.initialize from the flags or JAX_* variables; nothing for one process."""
+  """jax.distributed.initialize from the flags or JAX_* variables; nothing for one process.
+
+  Values that cannot work (a process id out of range, a count that is not a number, several
+  processes without a coordinator, --distributed outside a cluster) exit with one line.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   env = lambda name: os.environ.get(name) or None
+
+  def number(flag, variable):
+    value = getattr(FLAGS, flag)
+    if value is not None:
+      return value
+    text = env(variable)
+    if text is None:
+      return None
+    try:
+      return int(text)
+    except ValueError:
+      sys.exit(f'error: ${variable}={text!r} is not a whole number')
+
   address = FLAGS.coordinator_address or env('JAX_COORDINATOR_ADDRESS')
-  num = FLAGS.num_processes if FLAGS.num_processes is not None else env('JAX_NUM_PROCESSES')
-  pid = FLAGS.process_id if FLAGS.process_id is not None else env('JAX_PROCESS_ID')
-  if address or num is not None or FLAGS.distributed:
-    if num is not None and int(num) == 1 and not address:
-      return
-    jax.distributed.initialize(address, None if num is None else int(num),
-                               None if pid is None else int(pid))
+  num = number('num_processes', 'JAX_NUM_PROCESSES')
+  pid = number('process_id', 'JAX_PROCESS_ID')
+  if not (address or num is not None or FLAGS.distributed):
+    return
+  if num is not None and num == 1 and not address:
+    return
+  if num is not None and num < 1:
+    sys.exit(f'error: --num_processes={num}: at least 1')
+  if num is not None and pid is not None and not 0 <= pid < num:
+    sys.exit(f'error: --process_id={pid}: must be 0..{num - 1} with --num_processes={num}')
+  try:
+    jax.distributed.initialize(address, num, pid)
+  except (ValueError, RuntimeError) as e:  # jax's checks: no coordinator, no cluster detected.
+    sys.exit(f'error: the distributed runtime cannot start ({_last_line(e).rstrip(".")}); pass '
+             '--coordinator_address=host:port, --num_processes and --process_id')
 
 
 def _last_line(e: BaseException) -> str:

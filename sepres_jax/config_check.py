@@ -75,6 +75,9 @@ def check(mode: str, config) -> None:
       raise ConfigError(f'config.{key} must be one or more positive numbers, e.g. (1.0,) or '
                         f'(0.75,1.0,1.25), got {scales!r}')
   _number(config, 'predict.alpha', lambda v: 0 <= v <= 1, 'a number in [0, 1] (overlay opacity)')
+  seed = _get(config, 'seed')  # grain refuses others after the data and the model are built.
+  if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+    raise ConfigError(f'config.seed must be an integer in 0..{2**32 - 1}, got {seed!r}')
   for key, allowed in (('eval.input', ('resize', 'native')),
                        ('eval.checkpoint', ('best', 'latest')),
                        ('predict.resize', ('', 'resize', 'native'))):

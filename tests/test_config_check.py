@@ -69,6 +69,8 @@ def test_every_shipped_config_passes(name):
     ('predict.resize', 'crop', "'', 'resize', 'native', got 'crop'"),
     ('predict.alpha', 1.5, 'in [0, 1]'),
     ('data.num_classes', 0, 'positive integer'),  # Was a ZeroDivisionError traceback.
+    ('seed', -1, 'integer in 0..4294967295'),  # grain's traceback after the model was built.
+    ('seed', 2**32, 'integer in 0..4294967295'),
 ])
 def test_bad_value_names_its_key(key, value, words):
   config = _config()

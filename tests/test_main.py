@@ -64,6 +64,25 @@ def test_stray_argument_is_one_line(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.parametrize('args, env, words', [
+    # An unset $RUN trained into the current directory.
+    (['--workdir='], {}, '--workdir is empty'),
+    (['--num_processes=2', '--process_id=3'], {}, '--process_id=3: must be 0..1'),
+    (['--num_processes=2', '--process_id=0'], {}, 'the distributed runtime cannot start'),
+    ([], {'JAX_NUM_PROCESSES': 'x'}, "$JAX_NUM_PROCESSES='x' is not a whole number"),
+])
+def test_bad_workdir_and_process_flags_are_one_line(tmp_path, args, env, words):
+  """Each was a jax ValueError traceback (or, the empty workdir, no error at all)."""
+  cmd = [sys.executable, str(ROOT / 'main.py'), f'--config={ROOT / "configs" / "test.py"}',
+         '--mode=train', f'--config.data.cache_dir={tmp_path / "cache"}', *args]
+  if not any(a.startswith('--workdir') for a in args):
+    cmd.append(f'--workdir={tmp_path / "run"}')
+  out = subprocess.run(cmd, cwd=tmp_path, env=run_env(**env), capture_output=True, text=True,
+                       timeout=120)
+  assert words in one_error_line(out)
+  assert os.listdir(tmp_path) == []  # Nothing written, in the workdir or the current directory.
+
+
 def test_unknown_config_key_is_one_line(tmp_path):
   out = _main(tmp_path / 'run', tmp_path / 'cache', '--config.data.no_such_key=3', timeout=120)
   assert one_error_line(out).startswith("error: unknown config key '--config.data.no_such_key'")
