@@ -53,21 +53,24 @@ def _flops(compiled) -> float:
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
-def _step_flops(compiled, lowered) -> tuple[float, str, float]:
-  """(FLOPs, which count, the unoptimised module's count) of a step.
+def _step_flops(compiled, lowered, devices: int = 1) -> tuple[float, str, float]:
+  """(FLOPs of the whole step over all devices, which count, the unoptimised module's count).
 
   The compiled module's count is the work XLA kept (it drops skipped products, and counts the
-  Fourier form's own work). Where a backend's compiled module hides its products in library calls
-  (cuBLAS, cuDNN: counted as nothing or not at all), that count falls far below the unoptimised
-  module's, which is used instead.
+  Fourier form's own work); a partitioned module is one device's share, so it counts `devices`
+  times. The unoptimised (lowered) module is the whole program, before partitioning. Where a
+  backend's compiled module hides its products in library calls (cuBLAS, cuDNN: counted as
+  nothing or not at all), that count falls far below the unoptimised module's, which is used.
   """
-  got, hlo = _flops(compiled), _flops(lowered)
+  got, hlo = _flops(compiled) * devices, _flops(lowered)
   if math.isfinite(hlo) and hlo > 0 and not (math.isfinite(got) and got > 0.5 * hlo):
     return hlo, 'hlo', hlo
   return got, 'compiled', hlo
 
 
 def _peak_rss_mb() -> float:
+  """Peak resident memory in MiB (2^20 bytes; 'mb' and the README's MB/GB figures are binary, as
+  in benchmarks/keras_reference.py and pytorch_reference.py, so the three compare directly)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB.
 
 
@@ -96,10 +99,10 @@ def benchmark(config) -> int:
   lowered = stepper.train.lower(state, batch)
   compiled = lowered.compile()
   train_compile = time.perf_counter() - t
-  # XLA's cost analysis of a partitioned step counts one device's share of the batch.
-  flops_per_image, flops_source, flops_hlo = _step_flops(compiled, lowered)
-  flops_per_image *= mesh.devices.size / b
-  flops_hlo *= mesh.devices.size / b
+  devices = mesh.devices.size
+  flops_per_image, flops_source, flops_hlo = _step_flops(compiled, lowered, devices)
+  flops_per_image /= b
+  flops_hlo /= b
   holder = {'state': state}
 
   def step(batch):
@@ -132,7 +135,8 @@ def benchmark(config) -> int:
   peak = matmul_flops_per_sec(n)
   # Accelerators' limit for bfloat16 activations: a bf16 product.
   peak_bf16 = matmul_flops_per_sec(n, dtype=jnp.bfloat16) if config.dtype == 'bfloat16' else None
-  achieved = flops_per_image * train_ips
+  achieved = flops_per_image * train_ips  # Over all devices.
+  per_device = achieved / devices  # The limits below are one device's (device 0's product).
   result = {
       'backend': jax.default_backend(), 'devices': jax.device_count(),
       'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
@@ -149,17 +153,17 @@ def benchmark(config) -> int:
       'train_gflops_per_image_hlo': float(f'{flops_hlo / 1e9:.4g}'),
       'achieved_gflops_per_sec': round(achieved / 1e9, 1),
       'matmul_gflops_per_sec': round(peak / 1e9, 1),
-      'flops_fraction_of_matmul': round(achieved / peak, 4),
+      'flops_fraction_of_matmul': round(per_device / peak, 4),
       'peak_rss_mb': round(_peak_rss_mb(), 1),
       'matmul_size': n,
       'host_huge_pages': host_memory.active(), 'host_keep_memory': host_memory.keeping(),
   }
   if peak_bf16:
     result['bf16_matmul_gflops_per_sec'] = round(peak_bf16 / 1e9, 1)
-    result['flops_fraction_of_bf16_matmul'] = round(achieved / peak_bf16, 4)
+    result['flops_fraction_of_bf16_matmul'] = round(per_device / peak_bf16, 4)
   if config.benchmark.peak_tflops:  # The data sheet's figure, where the user gives it.
     result['flops_fraction_of_peak'] = float(
-        f'{achieved / (config.benchmark.peak_tflops * 1e12):.4g}')  # 4 digits, tiny too.
+        f'{per_device / (config.benchmark.peak_tflops * 1e12):.4g}')  # 4 digits, tiny too.
   for what, table in (('train', by_part), ('infer', infer_by_part)):
     if table:
       result[f'{what}_seconds_by_part'] = {
@@ -168,7 +172,7 @@ def benchmark(config) -> int:
       print(profiling.format_table(table))
   print(f"train: {train_ips:.1f} images/s at batch {b} {tuple(config.data.image_size)} "
         f"({flops_per_image / 1e9:.2f} GFLOP/image, {achieved / 1e9:.0f} GFLOP/s = "
-        f"{100 * achieved / peak:.0f}% of a {peak / 1e9:.0f} GFLOP/s matmul)")
+        f"{100 * per_device / peak:.0f}% of a {peak / 1e9:.0f} GFLOP/s matmul per device)")
   print(f"infer: {infer_ips:.1f} images/s at batch {eb} {ih}x{iw}; compile train "
         f"{train_compile:.1f}s, infer {infer_compile:.1f}s; peak RSS {_peak_rss_mb():.0f} MB")
   print(json.dumps(result))

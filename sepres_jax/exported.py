@@ -12,7 +12,9 @@ the rest of this package:
 
 The labels equal `--mode=predict`'s for the same images: the images go through the same steps
 (`resize_linear` is OpenCV's INTER_LINEAR to the bit, the same scaling to [-1, 1], the same zero
-padding) and the logits through the same jax functions.
+padding) and the logits through the same jax functions, where conv6 takes the same form (predict
+batches below 8 on CPU; at 8 or more predict computes it by Fourier transform, equal up to float
+rounding, see the README's export section).
 """
 
 import hashlib

@@ -117,8 +117,16 @@ def test_benchmark_mode_prints_json_and_profile(tmp_path):
 def test_benchmark_flops_per_image_do_not_depend_on_the_device_count(tmp_path):
   _, one = _benchmark(tmp_path)
   _, two = _benchmark(tmp_path, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  assert (one['devices'], two['devices']) == (1, 2)
-  assert two['train_gflops_per_image'] == pytest.approx(one['train_gflops_per_image'], rel=0.05)
+  _, four = _benchmark(tmp_path, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  assert (one['devices'], two['devices'], four['devices']) == (1, 2, 4)
+  for many in (two, four):  # The unoptimised count was scaled by the devices, and used at 4.
+    assert many['train_gflops_source'] == 'compiled'
+    for key in ('train_gflops_per_image', 'train_gflops_per_image_hlo'):
+      assert many[key] == pytest.approx(one[key], rel=0.1), (many['devices'], key)
+    # The fraction is per device: the achieved FLOP/s over the devices' products.
+    achieved = many['train_gflops_per_image'] * many['train_images_per_sec']
+    assert many['flops_fraction_of_matmul'] == pytest.approx(
+        achieved / many['devices'] / many['matmul_gflops_per_sec'], rel=0.02)
 
 
 def test_step_flops_fall_back_to_the_unoptimised_count():
@@ -132,6 +140,8 @@ def test_step_flops_fall_back_to_the_unoptimised_count():
       return None if self.flops is None else [{'flops': self.flops}]
 
   assert benchmark._step_flops(Cost(5e9), Cost(5.9e9)) == (5e9, 'compiled', 5.9e9)
+  # A partitioned module counts one device's share; the unoptimised one the whole program.
+  assert benchmark._step_flops(Cost(1.5e9), Cost(5.9e9), devices=4) == (6e9, 'compiled', 5.9e9)
   assert benchmark._step_flops(Cost(1e6), Cost(5.9e9)) == (5.9e9, 'hlo', 5.9e9)
   assert benchmark._step_flops(Cost(-1.0), Cost(5.9e9)) == (5.9e9, 'hlo', 5.9e9)
   assert benchmark._step_flops(Cost(None), Cost(5.9e9)) == (5.9e9, 'hlo', 5.9e9)
