@@ -148,6 +148,8 @@ def teacher_probabilities(config, source, mesh, workdir: str | None = None) -> l
   model = models.create_model(config, train.num_outputs(config))
   state = train.create_train_state(config, model, jax.random.key(0), mesh)
   teachers = checkpoints.path_list(config.distill.teacher, 'distill.teacher')
+  for p in teachers:
+    evaluate.check_trained_with(config, p)
   variables = [evaluate.load_weights(p, state) for p in teachers]
   path = cache_path(workdir) if workdir and d.cache else None
   if path:

@@ -190,8 +190,60 @@ def _best_metric(workdir: str):
   return stored.get('best_metric') if isinstance(stored, dict) else None
 
 
+# model.* fields that change no array's shape and no result: how the layers are computed, and
+# the statistics' momentum (training only). The others must equal the weights' own.
+FREE_MODEL_FIELDS = ('impl', 'large_conv', 'bn_momentum')
+
+
+def stored_model_fields(path: str) -> Optional[dict]:
+  """The model.* fields that `path`'s weights were trained with: a workdir's config.json, a
+  pretrained folder's config.py; None when it has neither (the shapes are still checked)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    try:
+      with open(os.path.join(path, 'config.json')) as f:
+        stored = json.load(f)
+    except (OSError, ValueError):
+      return None  # Whoever needs the file (resume, the best metric) says why.
+    model = stored.get('model') if isinstance(stored, dict) else None
+    return model if isinstance(model, dict) else None
+  config_py = os.path.join(path, 'config.py')
+  if os.path.isfile(config_py) and os.path.isdir(os.path.join(path, WEIGHTS_DIR)):
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    spec = importlib.util.spec_from_file_location('_trained_with', config_py)
+    try:
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      return module.get_config().model.to_dict()
+    except Exception:  # pylint: disable=broad-except  # Not ours to judge: the shapes still are.
+      return None
+  return None
+
+
+def check_trained_with(config, path: str) -> None:
+  """A RunError when `path`'s weights were trained with model.* values (bn_epsilon, say) that
+  this config changes: such weights load (same shapes) and silently predict other labels."""
+  stored = stored_model_fields(path)
+  if not stored:
+    return
+  now = config.model.to_dict()
+  for key in sorted(now):
+    if key in FREE_MODEL_FIELDS or key not in stored:
+      continue
+    old, new = stored[key], now[key]
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+      old, new = list(old), list(new)
+    if old != new:
+      where = os.path.join(path, 'config.py' if os.path.isdir(os.path.join(
+          path, WEIGHTS_DIR)) else 'config.json')
+      raise train.RunError(f'{path} was trained with model.{key}={stored[key]!r}, this config has '
+                           f'{now[key]!r}; pass the config it was trained with ({where})')
+
+
 def trained_state(config, workdir: str):
   """The network and its trained state: from config.init_from if set, else the workdir."""
+  for path in [config.init_from or workdir, *ensemble_paths(config)]:
+    check_trained_with(config, path)
   mesh = train.make_mesh()
   model = models.create_model(config, train.num_outputs(config))
   state = train.create_train_state(config, model, jax.random.key(config.seed), mesh)

@@ -193,6 +193,27 @@ def test_init_from_a_workdir_follows_eval_checkpoint(packed_run, tmp_path):
     assert origin == os.fspath(copy) + (' (latest checkpoint)' if which == 'latest' else '')
 
 
+def test_weights_refuse_a_config_that_changes_their_numbers(packed_run, tmp_path):
+  """A model field that changes no shape (bn_epsilon) but every prediction loaded silently (2,246
+  of the shipped model's labels on one test image changed): now a one-line error naming the
+  config the weights were trained with. Fields that change only how layers compute pass."""
+  config, workdir, packed, _, _ = packed_run
+  for path, file in ((workdir, 'config.json'), (os.fspath(packed), 'config.py')):
+    c = config.copy_and_resolve_references()
+    c.model.impl, c.model.large_conv, c.model.bn_momentum = 'xla', 'rows', 0.5
+    evaluate.check_trained_with(c, path)
+    c.model.bn_epsilon = 1e-5
+    with pytest.raises(evaluate.train.RunError) as e:
+      evaluate.check_trained_with(c, path)
+    assert str(e.value) == (f'{path} was trained with model.bn_epsilon={config.model.bn_epsilon!r}'
+                            f', this config has 1e-05; pass the config it was trained with '
+                            f'({os.path.join(path, file)})')
+    c.init_from = path  # evaluate, predict and export check before building anything.
+    with pytest.raises(evaluate.train.RunError, match='model.bn_epsilon'):
+      evaluate.trained_state(c, os.fspath(tmp_path / 'elsewhere'))
+  assert evaluate.stored_model_fields(os.fspath(tmp_path)) is None  # Nothing to compare.
+
+
 def test_every_shipped_model_is_small_and_complete():
   assert SHIPPED, 'no pretrained/<name>/ folder with weights/ in the repository'
   for folder in SHIPPED:
