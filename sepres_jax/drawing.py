@@ -106,7 +106,14 @@ def _save(fig, path, tight=False):
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, format='png', bbox_inches='tight' if tight else None)
+    # through a temporary file: a kill or a full disk keeps the earlier picture whole
+    tmp = os.path.join(parent, f'.{os.path.basename(path)}.partial')
+    try:
+        fig.savefig(tmp, dpi=_DPI, format='png', bbox_inches='tight' if tight else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     fig.clear()  # a Figure without pyplot has nothing to close; drop its artists now
     return path
 

@@ -12,6 +12,7 @@ row or column: the encoders need even ones), and with `predict.save_frames` the 
 import contextlib
 import math
 import os
+import shutil
 import time
 
 import cv2
@@ -106,19 +107,25 @@ def predict_video(path, out_dir, stem, label_maps, colors, *, alpha=0.5, batch_s
   fps = capture.get(cv2.CAP_PROP_FPS)
   fps = fps if math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
   total = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0)  # The header's; 0: unknown.
+  # Written under temporary names and renamed into place once every frame is done, so a kill,
+  # a full disk or a failing decoder keeps an earlier run's video and frames whole.
   frames_dir = os.path.join(out_dir, f'{stem}_frames') if save_frames else None
-  writer = out_path = None
+  frames_tmp = os.path.join(out_dir, f'.{stem}_frames.partial') if save_frames else None
+  writer = out_path = tmp_path = None
   done, t0 = 0, time.time()
   last = t0
+  finished = False
   try:
     while batch := _read(capture, max(1, int(batch_size))):
       if writer is None:  # The folder, once a frame has decoded.
         h, w = batch[0].shape[:2]
         (make_out_dir or (lambda d: os.makedirs(d, exist_ok=True)))(out_dir)
-        writer, out_path = open_writer(os.path.join(out_dir, f'{stem}_overlay'), fps,
-                                       (w - w % 2, h - h % 2))
-        if frames_dir:
-          os.makedirs(frames_dir, exist_ok=True)
+        base = os.path.join(out_dir, f'.{stem}_overlay.partial')
+        writer, tmp_path = open_writer(base, fps, (w - w % 2, h - h % 2))
+        out_path = os.path.join(out_dir, f'{stem}_overlay{tmp_path[len(base):]}')
+        if frames_tmp:
+          shutil.rmtree(frames_tmp, ignore_errors=True)  # A killed run's.
+          os.makedirs(frames_tmp)
       # All frames at the first one's size (a stream that changes size is resized back).
       rgbs = [cv2.cvtColor(f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h)),
                            cv2.COLOR_BGR2RGB) for f in batch]
@@ -127,22 +134,36 @@ def predict_video(path, out_dir, stem, label_maps, colors, *, alpha=0.5, batch_s
         writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         if frames_dir:
           PILImage.fromarray(np.ascontiguousarray(ids, np.uint8), mode='L').save(
-              os.path.join(frames_dir, f'{done:06d}.png'))
+              os.path.join(frames_tmp, f'{done:06d}.png'))
         done += 1
       if time.time() - last >= PROGRESS_SECONDS:
         last = time.time()
         print(f'{path}: {done}/{total or "?"} frames ({done / (last - t0):.1f} frames/s)',
               flush=True)
+    if writer is not None:
+      writer.release()
+      writer = None
+      os.replace(tmp_path, out_path)
+      if frames_tmp:  # The earlier frames (of a longer video, say) go as a whole.
+        old = os.path.join(out_dir, f'.{stem}_frames.old')
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(frames_dir):
+          os.rename(frames_dir, old)
+        os.rename(frames_tmp, frames_dir)
+        shutil.rmtree(old, ignore_errors=True)
+      finished = True
   finally:
     capture.release()
     if writer is not None:
       writer.release()
+    if not finished:  # Nothing half-written is left beside the earlier outputs.
+      for leftover in (tmp_path, frames_tmp):
+        if leftover and os.path.isdir(leftover):
+          shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover and os.path.exists(leftover):
+          os.remove(leftover)
   if not done:
     raise VideoError('not one frame could be decoded')
-  if frames_dir:  # Frames of a longer video predicted earlier under the same stem go.
-    for name in os.listdir(frames_dir):
-      if len(name) == 10 and name.endswith('.png') and name[:6].isdigit() and int(name[:6]) >= done:
-        os.remove(os.path.join(frames_dir, name))
   short = f' (its header says {total})' if done < total else ''
   print(f'{path}: {done} frames{short} at {fps:g} fps, {done / max(time.time() - t0, 1e-9):.1f} '
         f'frames/s -> {out_path}' + (f', {frames_dir}{os.sep}' if frames_dir else ''), flush=True)

@@ -42,7 +42,7 @@ def visualize(config, workdir: str):
   if what == 'curves' or os.path.isfile(history):
     try:
       path = training_curves(workdir)
-    except ValueError as e:  # json's errors, and a file that is not a list of epoch records.
+    except (ValueError, TypeError) as e:  # json's errors; not a list of epoch records of numbers.
       raise train.RunError(f'{history}: not a history of epochs ({e})') from None
     if path is None and what == 'curves':
       raise train.RunError(f'{history}: no epoch recorded yet')

@@ -131,6 +131,23 @@ def test_training_curves(tmp_path):
     check_png(vis.save_training_curves(_history(), tmp_path / 'curves.png'))
 
 
+def test_a_failed_save_keeps_the_earlier_picture(tmp_path, monkeypatch):
+    """Pictures go through a temporary file: a kill or a full disk mid-write left a truncated
+    PNG in place of training_curves.png (redrawn after every run)."""
+    path = vis.save_training_curves(_history(), tmp_path / 'curves.png')
+    before = open(path, 'rb').read()
+
+    def broken(self, fname, **kwargs):
+        with open(fname, 'wb') as f:
+            f.write(b'\x89PNG half')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(vis.Figure, 'savefig', broken)
+    with pytest.raises(OSError):
+        vis.save_training_curves(_history(), tmp_path / 'curves.png')
+    assert open(path, 'rb').read() == before and os.listdir(tmp_path) == ['curves.png']
+
+
 def test_training_curves_partial_keys(tmp_path):
     hist = [{'epoch': 1, 'train_loss': 1.3}, {'epoch': 2, 'train_loss': 0.9, 'val_miou': 0.3},
             {'train_loss': 0.8, 'val_miou': None, 'best': True}]

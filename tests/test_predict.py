@@ -309,6 +309,39 @@ def test_video_detection(tmp_path):
                                                 for f in ('clip.avi', 'corrupt.png', 'empty.mkv')]
 
 
+def test_a_failed_video_keeps_the_earlier_outputs(tmp_path):
+  """The overlay and frames are written under temporary names and renamed at the end: a kill or
+  an error mid-video left a 44-byte overlay and frames of two runs mixed."""
+  rng = np.random.default_rng(0)
+  frames = [rng.integers(0, 255, (32, 48, 3), np.uint8) for _ in range(6)]
+  _write_video(tmp_path / 'clip.avi', frames, fps=5)
+  _write_video(tmp_path / 'short.avi', frames[:3], fps=5)
+  out = tmp_path / 'out'
+  ids = lambda rgbs: [np.full(r.shape[:2], 1, np.uint8) for r in rgbs]
+  run = lambda path, maps: video.predict_video(str(path), str(out), 'clip', maps, camvid.COLORS,
+                                               batch_size=2, save_frames=True)
+  assert run(tmp_path / 'clip.avi', ids) == 6
+  listing = sorted(os.listdir(out))
+  overlay = [n for n in listing if n.startswith('clip_overlay')][0]
+  before = (out / overlay).read_bytes()
+  calls = []
+
+  def failing(rgbs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise RuntimeError('killed')
+    return ids(rgbs)
+
+  with pytest.raises(RuntimeError, match='killed'):
+    run(tmp_path / 'clip.avi', failing)
+  assert sorted(os.listdir(out)) == listing and (out / overlay).read_bytes() == before
+  assert len(os.listdir(out / 'clip_frames')) == 6
+  assert run(tmp_path / 'short.avi', ids) == 3  # A shorter video's frames replace them all.
+  assert sorted(os.listdir(out / 'clip_frames')) == ['000000.png', '000001.png', '000002.png']
+  assert sorted(os.listdir(out)) == listing
+  assert len(_decode(str(out / overlay))[0]) == 3
+
+
 def test_overlay_codec_fallback(tmp_path, monkeypatch):
   monkeypatch.setattr(video, 'CODECS', (('ZZZZ', '.mp4'), ('MJPG', '.avi')))
   writer, path = video.open_writer(str(tmp_path / 'x_overlay'), 10.0, (64, 48))

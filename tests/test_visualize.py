@@ -108,6 +108,7 @@ def test_evaluate_pictures_and_scores_unchanged(trained, capsys):
 @pytest.mark.parametrize('text, words', [
     ('[{"epoch": 1, "val_lo', 'not a history of epochs'),
     ('{"epoch": 1}', 'not a history of epochs'),
+    ('[{"epoch": 1, "val_loss": [1, 2]}]', 'not a history of epochs'),  # A TypeError traceback.
     ('[]', 'no epoch recorded yet'),
 ])
 def test_curves_of_a_broken_history_are_one_line(tiny_config, tmp_path, capsys, text, words):
