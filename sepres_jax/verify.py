@@ -37,7 +37,8 @@ class Report:
 
 def _usable_root(root: Path) -> list[str]:
   if not root.is_dir():
-    return [f'{root}: data folder does not exist (data.manual_dir)']
+    what = 'is a file, not a folder' if root.exists() else 'does not exist'
+    return [f'{root}: data folder {what} (data.manual_dir)']
   if not any(root.iterdir()):
     return [f'{root}: data folder is empty (data.manual_dir)']
   return []

@@ -73,6 +73,7 @@ def test_every_problem_is_listed_once(scenes, tmp_path):
 
 @pytest.mark.parametrize('make, words', [
     (lambda root: root / 'nowhere', 'does not exist'),
+    (lambda root: (root / 'f').write_text('x') and root / 'f', 'is a file, not a folder'),
     (lambda root: (root / 'empty').mkdir() or root / 'empty', 'is empty'),
     (lambda root: (root / 'x' / 'y').mkdir(parents=True) or root / 'x', 'no CamVid layout'),
 ])
