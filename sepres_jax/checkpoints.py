@@ -188,7 +188,8 @@ def path_list(value: str, field: str = '', taken: tuple[str, ...] = ()) -> list[
     for path in paths:
       real = os.path.realpath(os.path.expanduser(path))
       if real in seen:
-        with_taken = ' (with init_from, or in the list)' if any(taken) else ''
+        with_taken = (' (in the list, or as the weights it adds to: init_from or the workdir)'
+                      if any(taken) else '')
         raise CheckpointError(f'config.{field}: {path} is named twice{with_taken}: each member '
                               'counts once')
       seen.add(real)

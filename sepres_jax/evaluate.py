@@ -242,7 +242,9 @@ def check_trained_with(config, path: str) -> None:
 
 def trained_state(config, workdir: str):
   """The network and its trained state: from config.init_from if set, else the workdir."""
-  for path in [config.init_from or workdir, *ensemble_paths(config)]:
+  own = config.init_from or workdir  # Named again as a member, it would count twice.
+  for path in [own, *checkpoints.path_list(config.eval.get('ensemble', ''), 'eval.ensemble',
+                                           (own,))]:
     check_trained_with(config, path)
   mesh = train.make_mesh()
   model = models.create_model(config, train.num_outputs(config))

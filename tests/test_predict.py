@@ -164,8 +164,10 @@ def test_ensemble_in_evaluate_and_predict(trained, tmp_path, capsys):
   assert (Path(workdir) / 'eval' / 'val.json').read_text() == plain_scores
   assert json.loads(plain_scores)['ensemble'] == []
   shipped = str(ROOT / 'pretrained' / 'camvid_sepres_w192_h512')  # Another network.
-  for wrong, expected in ((str(tmp_path / 'nowhere'), 'nowhere'), (shipped, 'not in this model')):
-    config.eval.ensemble = f'{workdir},{wrong}'
+  for wrong, expected in ((str(tmp_path / 'nowhere'), 'nowhere'),
+                          (shipped, 'was trained with model.'),
+                          (f'{shipped},{workdir}', f'{workdir} is named twice')):
+    config.eval.ensemble = wrong
     assert cli.run('evaluate', config, workdir) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error:') and expected in err[0], err
