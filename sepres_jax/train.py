@@ -517,7 +517,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on train/, selects on val/; resumes from the latest checkpoint in `workdir`.
 
   SIGTERM or SIGINT saves a checkpoint at the next step boundary and returns (the record then has
-  'stopped': True); during start-up (one process) it stops at once and saves nothing. Returns the last epoch's record of the history.
+  'stopped': True); during start-up (one process) it stops at once and saves nothing. Returns
+  the last epoch's record of the history.
   """
   with guards.StopRequest() as stop:
     logging.info('Starting the run in %s (SIGTERM or Ctrl-C stops it)', workdir)
