@@ -234,10 +234,12 @@ def check_trained_with(config, path: str) -> None:
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
       old, new = list(old), list(new)
     if old != new:
-      where = os.path.join(path, 'config.py' if os.path.isdir(os.path.join(
-          path, WEIGHTS_DIR)) else 'config.json')
+      if os.path.isdir(os.path.join(path, WEIGHTS_DIR)):  # A pretrained folder: its config.py.
+        hint = f'pass the config it was trained with (--config={os.path.join(path, "config.py")})'
+      else:
+        hint = f'pass the values its {os.path.join(path, "config.json")} holds'
       raise train.RunError(f'{path} was trained with model.{key}={stored[key]!r}, this config has '
-                           f'{now[key]!r}; pass the config it was trained with ({where})')
+                           f'{now[key]!r}; {hint}')
 
 
 def trained_state(config, workdir: str):
@@ -253,7 +255,8 @@ def trained_state(config, workdir: str):
     which = config.eval.checkpoint
     weights = load_weights(config.init_from, state, which=which)
     origin = config.init_from
-    if which != 'best' and not os.path.isdir(os.path.join(os.path.expanduser(origin), WEIGHTS_DIR)):
+    folder = os.path.expanduser(origin)
+    if which != 'best' and not os.path.isdir(os.path.join(folder, WEIGHTS_DIR)):
       origin += f' ({which} checkpoint)'
     return model, state.replace(**weights), mesh, origin
   weights, step = restore_weights(os.path.abspath(workdir), config.eval.checkpoint, state)

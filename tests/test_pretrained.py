@@ -198,7 +198,9 @@ def test_weights_refuse_a_config_that_changes_their_numbers(packed_run, tmp_path
   of the shipped model's labels on one test image changed): now a one-line error naming the
   config the weights were trained with. Fields that change only how layers compute pass."""
   config, workdir, packed, _, _ = packed_run
-  for path, file in ((workdir, 'config.json'), (os.fspath(packed), 'config.py')):
+  for path, hint in ((workdir, f'pass the values its {os.path.join(workdir, "config.json")} holds'),
+                     (os.fspath(packed), 'pass the config it was trained with '
+                      f'(--config={os.path.join(packed, "config.py")})')):
     c = config.copy_and_resolve_references()
     c.model.impl, c.model.large_conv, c.model.bn_momentum = 'xla', 'rows', 0.5
     evaluate.check_trained_with(c, path)
@@ -206,8 +208,7 @@ def test_weights_refuse_a_config_that_changes_their_numbers(packed_run, tmp_path
     with pytest.raises(evaluate.train.RunError) as e:
       evaluate.check_trained_with(c, path)
     assert str(e.value) == (f'{path} was trained with model.bn_epsilon={config.model.bn_epsilon!r}'
-                            f', this config has 1e-05; pass the config it was trained with '
-                            f'({os.path.join(path, file)})')
+                            f', this config has 1e-05; {hint}')
     c.init_from = path  # evaluate, predict and export check before building anything.
     with pytest.raises(evaluate.train.RunError, match='model.bn_epsilon'):
       evaluate.trained_state(c, os.fspath(tmp_path / 'elsewhere'))
