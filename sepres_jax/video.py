@@ -144,13 +144,15 @@ def predict_video(path, out_dir, stem, label_maps, colors, *, alpha=0.5, batch_s
       writer.release()
       writer = None
       os.replace(tmp_path, out_path)
-      if frames_tmp:  # The earlier frames (of a longer video, say) go as a whole.
-        old = os.path.join(out_dir, f'.{stem}_frames.old')
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.isdir(frames_dir):
-          os.rename(frames_dir, old)
-        os.rename(frames_tmp, frames_dir)
-        shutil.rmtree(old, ignore_errors=True)
+      if frames_tmp:  # Each frame renamed into place; other files there (a user's) stay.
+        os.makedirs(frames_dir, exist_ok=True)
+        for name in sorted(os.listdir(frames_tmp)):
+          os.replace(os.path.join(frames_tmp, name), os.path.join(frames_dir, name))
+        os.rmdir(frames_tmp)
+        for name in os.listdir(frames_dir):  # Frames of a longer video predicted earlier go.
+          if len(name) == 10 and name.endswith('.png') and name[:6].isdigit() and int(
+              name[:6]) >= done:
+            os.remove(os.path.join(frames_dir, name))
       finished = True
   finally:
     capture.release()
