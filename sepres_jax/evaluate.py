@@ -244,9 +244,7 @@ def check_trained_with(config, path: str) -> None:
 
 def trained_state(config, workdir: str):
   """The network and its trained state: from config.init_from if set, else the workdir."""
-  own = config.init_from or workdir  # Named again as a member, it would count twice.
-  for path in [own, *checkpoints.path_list(config.eval.get('ensemble', ''), 'eval.ensemble',
-                                           (own,))]:
+  for path in [config.init_from or workdir, *ensemble_paths(config, workdir)]:
     check_trained_with(config, path)
   mesh = train.make_mesh()
   model = models.create_model(config, train.num_outputs(config))
@@ -274,11 +272,12 @@ def members(config, state) -> list[dict]:
   return [own] + [load_weights(p, state) for p in ensemble_paths(config)]
 
 
-def ensemble_paths(config) -> list[str]:
-  """config.eval.ensemble's paths, in order ([] when unset); one named twice (or the init_from
-  weights again) would silently count twice, so it is an error."""
+def ensemble_paths(config, workdir: str | None = None) -> list[str]:
+  """config.eval.ensemble's paths, in order ([] when unset); one named twice, or the evaluated
+  weights again (init_from, else `workdir` when given), would silently count twice: an error."""
+  own = config.init_from or workdir
   return checkpoints.path_list(config.eval.get('ensemble', ''), 'eval.ensemble',
-                               (config.init_from,))
+                               (own,) if own else ())
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -212,6 +212,10 @@ def test_evaluate_names_what_it_cannot_read_or_write_and_keeps_the_old_scores(tr
     config.eval.ensemble, config.init_from = twice, str(tmp_path / 'nocfg')
     with pytest.raises(evaluate.checkpoints.CheckpointError, match='named twice'):
       evaluate.ensemble_paths(config)
+  config.init_from, config.eval.ensemble = '', f'{tmp_path}/run,b'  # The evaluated workdir.
+  assert evaluate.ensemble_paths(config) == [f'{tmp_path}/run', 'b']
+  with pytest.raises(evaluate.checkpoints.CheckpointError, match='named twice'):
+    evaluate.ensemble_paths(config, f'{tmp_path}/x/../run')
 
 
 def _write_video(path, frames, fps, fourcc='FFV1'):
