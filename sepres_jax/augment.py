@@ -23,17 +23,20 @@ def is_active(data_config) -> bool:
 
 
 def check(a):
-  """One-line errors for augmentation settings out of range, naming the key."""
-  lo, hi = (float(s) for s in a.scale)
-  if not 0 < lo <= hi:
+  """One-line errors for augmentation settings out of range or of the wrong type, naming the key
+  (config_check runs it before any work; the input pipeline again)."""
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  scale = a.scale
+  if (not isinstance(scale, (tuple, list)) or len(scale) != 2 or not all(map(number, scale))
+      or not 0 < scale[0] <= scale[1]):
     raise DataError(f'config.data.augment.scale must be (low, high) with 0 < low <= high, got '
-                    f'{tuple(a.scale)}')
-  if not 0 <= a.jitter < 1:
-    raise DataError(f'config.data.augment.jitter must be in [0, 1), got {a.jitter}')
-  if not 0 <= a.get('hue', 0) <= 90:
-    raise DataError(f'config.data.augment.hue must be in [0, 90] degrees, got {a.hue}')
-  if not 0 <= a.get('blur', 0) <= 1:
-    raise DataError(f'config.data.augment.blur must be a probability in [0, 1], got {a.blur}')
+                    f'{scale!r}')
+  for key, ok, what in (('jitter', lambda v: 0 <= v < 1, 'in [0, 1)'),
+                        ('hue', lambda v: 0 <= v <= 90, 'in [0, 90] degrees'),
+                        ('blur', lambda v: 0 <= v <= 1, 'a probability in [0, 1]')):
+    value = a.get(key, 0)
+    if not number(value) or not ok(value):
+      raise DataError(f'config.data.augment.{key} must be {what}, got {value!r}')
 
 
 def scale_and_crop(rgb, label, rng, size, scale_range, crop: bool, soft=None):
@@ -71,8 +74,9 @@ def jitter(rgb, rng, strength: float):
   """Random brightness, contrast and saturation, each by a factor in [1 - s, 1 + s]."""
   x = rgb.astype(np.float32)
   grey = x @ np.float32([0.299, 0.587, 0.114])
-  x = x * rng.uniform(1 - strength, 1 + strength)  # Brightness.
-  mean = grey.mean()
+  brightness = rng.uniform(1 - strength, 1 + strength)
+  x = x * brightness
+  mean = grey.mean() * brightness  # The brightened image's: contrast keeps a flat image flat.
   x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean  # Contrast.
   g = (x @ np.float32([0.299, 0.587, 0.114]))[..., None]
   x = (x - g) * rng.uniform(1 - strength, 1 + strength) + g  # Saturation.

@@ -86,6 +86,13 @@ def check(mode: str, config) -> None:
       raise ConfigError(f'config.{key} must be one of {", ".join(map(repr, allowed))}, got '
                         f'{value!r}')
   _model(config)
+  augmentation = _get(config, 'data.augment')
+  if augmentation is not None:  # Else checked only once the training data is built.
+    from sepres_jax import augment  # pylint: disable=g-import-not-at-top
+    try:
+      augment.check(augmentation)
+    except augment.DataError as e:
+      raise ConfigError(str(e)) from None
 
 
 def _get(config, key: str):

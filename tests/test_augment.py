@@ -91,6 +91,16 @@ def test_jitter_changes_colours_not_labels():
   assert np.array_equal(augment.jitter(rgb, np.random.default_rng(0), 0.0), rgb)
 
 
+def test_jitter_contrast_keeps_a_flat_image_flat():
+  """A flat grey image changes only by the brightness factor (contrast turns about the brightened
+  image's mean: it was the original's, so contrast moved a flat 100 to 124 instead of 120)."""
+  flat = np.full((8, 8, 3), 100, np.uint8)
+  for seed in range(5):
+    brightness = np.random.default_rng(seed).uniform(0.6, 1.4)  # jitter's first draw.
+    out = augment.jitter(flat, np.random.default_rng(seed), 0.4)
+    assert np.all(np.abs(out.astype(float) - 100 * brightness) <= 1), (seed, out[0, 0])
+
+
 def test_hue_rotates_colours_keeps_grey_and_labels():
   rgb, label = _pair()
   rgb[:12, :12] = 128  # A grey block has no hue: it stays grey.

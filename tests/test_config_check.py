@@ -71,6 +71,11 @@ def test_every_shipped_config_passes(name):
     ('data.num_classes', 0, 'positive integer'),  # Was a ZeroDivisionError traceback.
     ('seed', -1, 'integer in 0..4294967295'),  # grain's traceback after the model was built.
     ('seed', 2**32, 'integer in 0..4294967295'),
+    # Were a traceback (1 value) or an error once the run had started (low > high).
+    ('data.augment.scale', (1.5,), '(low, high) with 0 < low <= high, got (1.5,)'),
+    ('data.augment.scale', (2.0, 1.0), '0 < low <= high'),
+    ('data.augment.jitter', 1.0, 'in [0, 1), got 1.0'),
+    ('data.augment.blur', 2.0, 'probability in [0, 1]'),
 ])
 def test_bad_value_names_its_key(key, value, words):
   config = _config()
@@ -155,6 +160,11 @@ def test_bad_value_stops_before_any_work(tmp_path):
   err = one_error_line(_main(tmp_path, '--config=configs/test.py', '--config.batch_size=0',
                          f'--config.data.cache_dir={tmp_path / "cache"}'))
   assert err == 'error: config.batch_size must be a positive integer, got 0'
+  assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
+  err = one_error_line(_main(tmp_path, '--config=configs/test.py', '--config.data.augment.crop=True',
+                             '--config.data.augment.scale=(1.5,)',
+                             f'--config.data.cache_dir={tmp_path / "cache"}'))
+  assert err.startswith('error: config.data.augment.scale must be (low, high)'), err
   assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
 
 
