@@ -39,8 +39,20 @@ def _quiet_unraisable(unraisable):
     sys.__unraisablehook__(unraisable)
 
 
+def _tolerant_output():
+  """File names that are not UTF-8 (Python keeps their bytes as surrogates) print as \\x
+  escapes: under a strict UTF-8 stdout a line naming one was a UnicodeEncodeError traceback."""
+  for stream in (sys.stdout, sys.stderr):
+    if hasattr(stream, 'reconfigure'):
+      try:
+        stream.reconfigure(errors='backslashreplace')
+      except (ValueError, OSError):  # A stream that refuses (closed, or not a text stream).
+        pass
+
+
 def run(mode: str, config, workdir: str, verbose: bool = False) -> int:
   """Runs one mode; returns the exit status."""
+  _tolerant_output()
   if not verbose:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     sys.unraisablehook = _quiet_unraisable

@@ -1,6 +1,7 @@
 """--mode=predict on any images and videos, and --mode=summary, from a tiny model trained once."""
 
 import glob
+import io
 import json
 import os
 from pathlib import Path
@@ -71,6 +72,27 @@ def test_predict_mixed_folder(trained, tmp_path, capsys):
     np.testing.assert_array_equal(color, camvid.COLORS[ids])  # Exactly the palette.
     overlay = np.asarray(Image.open(tmp_path / 'out' / f'{stem}_overlay.png'))
     assert overlay.shape == (h, w, 3) and overlay.dtype == np.uint8
+
+
+def test_file_names_that_are_not_utf8_are_printed_escaped(trained, tmp_path, monkeypatch):
+  """Under a strict UTF-8 stdout (en_US.UTF-8's), a line naming lat\xe9.png was a traceback."""
+  config, workdir = trained
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
+  for name in ('lat\udce9.png', 'lat\udce9.jpg'):  # The bytes b'lat\xe9', as os.listdir keeps them.
+    Image.fromarray(rgb).save(os.path.join(folder, name))
+  (folder / 'bad\udce9.png').write_bytes(b'not a png')
+  config = config.copy_and_resolve_references()
+  config.predict.input, config.predict.output = str(folder), str(tmp_path / 'out')
+  out = io.BytesIO()
+  monkeypatch.setattr('sys.stdout', io.TextIOWrapper(out, encoding='utf-8', errors='strict',
+                                                     write_through=True))
+  assert cli.run('predict', config, workdir) == predict.SKIPPED_STATUS
+  text = out.getvalue().decode('utf-8')
+  assert 'written as lat\\udce9_2.png' in text, text  # The byte \xe9, escaped.
+  assert 'skipped 1: ' in text and 'bad\\udce9.png' in text, text
+  assert {'lat\udce9.png', 'lat\udce9_2.png'} <= set(os.listdir(tmp_path / 'out'))
 
 
 @pytest.mark.parametrize('mode', ['native', pytest.param('resize', marks=pytest.mark.slow)])
