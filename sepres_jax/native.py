@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 
+from absl import logging
 import jax
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -98,6 +99,21 @@ def build(path: str) -> None:
       os.remove(tmp)
 
 
+def open_library(path: str):
+  """The kernels' library at `path`, built first when absent. A cached file that does not load
+  (truncated by a full disk or a kill outside build's renaming) is rebuilt once, not left to
+  turn the kernels off for good."""
+  if not os.path.exists(path):
+    build(path)
+    return ctypes.cdll.LoadLibrary(path)
+  try:
+    return ctypes.cdll.LoadLibrary(path)
+  except OSError as e:
+    logging.warning('Rebuilding %s: it does not load (%s)', path, e)
+    build(path)
+    return ctypes.cdll.LoadLibrary(path)
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
   """(True, path) once the kernels are built and registered; (False, reason) if they cannot be."""
@@ -105,9 +121,7 @@ def _load():
     return False, 'disabled by SEPRES_JAX_NATIVE=0'
   try:
     path = library_path()
-    if not os.path.exists(path):
-      build(path)
-    lib = ctypes.cdll.LoadLibrary(path)
+    lib = open_library(path)
     for target, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                   platform='cpu')

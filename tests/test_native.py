@@ -36,6 +36,18 @@ def test_fresh_build_exports_the_handlers(tmp_path):
   assert os.listdir(tmp_path) == [os.path.basename(path)]  # No temporary file left behind.
 
 
+@needs_compiler
+def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
+  """A truncated cache file turned the kernels off for good (every later run fell back)."""
+  path = native.library_path(str(tmp_path))
+  with open(path, 'wb') as f:
+    f.write(b'\x7fELF truncated')
+  lib = native.open_library(path)
+  for symbol in native.TARGETS.values():
+    assert getattr(lib, symbol)
+  assert os.path.getsize(path) > 1000
+
+
 def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setattr(native, '_compiler', lambda: None)
   with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
