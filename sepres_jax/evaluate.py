@@ -4,7 +4,8 @@ Scores come from one confusion matrix summed over the whole split, always agains
 the images' native resolution: `eval.input=resize` resizes the images to data.image_size and the
 logits back, `eval.input=native` pads each image to a multiple of 32 (the padding never counted).
 Scores go into eval/<split>.json and pictures into eval/<split>/ (`result_name`: with test-time
-averaging or an ensemble, `<split>_<settings>`, so one evaluation keeps another's): iou.png,
+averaging or an ensemble, `<split>_<settings>`, so one evaluation keeps another's; an earlier one of
+other weights or another eval.input is moved to `<name>.<k>`): iou.png,
 confusion_matrix.png, and panels.png (image / prediction / truth) of `eval.num_panels` images, the
 lowest per-image mIoU first with `eval.worst_first` (from per-image confusion matrices of the same
 pass).
@@ -333,6 +334,7 @@ def evaluate(config, workdir: str) -> dict:
     path = os.path.join(out_dir, f'{name}.json')
     try:
       os.makedirs(out_dir, exist_ok=True)
+      _keep_earlier(out_dir, name, scores)
       # Strict JSON: a class absent from both labels and predictions has IoU null, not NaN.
       text = json.dumps(_nan_to_none(scores), indent=1, default=_json_default, allow_nan=False)
       # Through a temporary file: a full disk or a kill keeps the scores written before.
@@ -344,6 +346,34 @@ def evaluate(config, workdir: str) -> dict:
                                              picked, sources[split])
     print(f'wrote {path} and {len(pictures)} pictures into {os.path.join(out_dir, name)}')
   return scores
+
+
+KEPT_FIELDS = ('checkpoint', 'input')  # Scores of other weights or input: kept, not replaced.
+
+
+def _keep_earlier(out_dir: str, name: str, scores: dict) -> Optional[str]:
+  """Moves eval/<name>.json and eval/<name>/ to <name>.<k>.json and <name>.<k>/ (the first free
+  k) when they hold scores of other weights (`checkpoint`: another checkpoint, step or init_from)
+  or another `input` (resize/native), so that comparing them keeps both; the same evaluation
+  again replaces its own. Returns the new name, or None when nothing was moved."""
+  path = os.path.join(out_dir, f'{name}.json')
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+  except (OSError, ValueError):  # None yet, or unreadable: replaced as before.
+    return None
+  if not isinstance(earlier, dict) or all(earlier.get(k) == scores[k] for k in KEPT_FIELDS):
+    return None
+  k = 1
+  while any(os.path.exists(os.path.join(out_dir, f'{name}.{k}{ext}')) for ext in ('.json', '')):
+    k += 1
+  kept = f'{name}.{k}'
+  if os.path.isdir(os.path.join(out_dir, name)):
+    os.replace(os.path.join(out_dir, name), os.path.join(out_dir, kept))
+  os.replace(path, os.path.join(out_dir, f'{kept}.json'))
+  print(f'kept the earlier scores ({", ".join(f"{f} {earlier.get(f)}" for f in KEPT_FIELDS)}) '
+        f'as {os.path.join(out_dir, kept)}.json')
+  return kept
 
 
 def result_name(config, split: str) -> str:

@@ -195,6 +195,35 @@ def test_ensemble_in_evaluate_and_predict(trained, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith('error:') and expected in err[0], err
 
 
+def test_evaluate_keeps_earlier_scores_of_other_input_or_weights(trained, tmp_path, capsys):
+  """eval/val.json of eval.input=native was replaced by the resize evaluation's (same name)."""
+  config, workdir = trained
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  config = config.copy_and_resolve_references()
+  config.eval.split, config.eval.num_panels = 'val', 0
+  eval_dir = Path(workdir) / 'eval'
+  shutil.rmtree(eval_dir, ignore_errors=True)
+
+  def scores(name):
+    return json.loads((eval_dir / f'{name}.json').read_text())
+
+  assert cli.run('evaluate', config, workdir) == 0
+  assert cli.run('evaluate', config, workdir) == 0  # The same evaluation: replaced.
+  assert sorted(os.listdir(eval_dir)) == ['val', 'val.json']
+  native = scores('val')
+  config.eval.input = 'resize'
+  assert cli.run('evaluate', config, workdir) == 0
+  assert 'kept the earlier scores (checkpoint best checkpoint' in capsys.readouterr().out
+  assert scores('val')['input'] == 'resize' and scores('val.1') == native
+  assert (eval_dir / 'val.1' / 'iou.png').is_file()
+  config.eval.checkpoint = 'latest'  # Other weights (here the same step, another choice).
+  assert cli.run('evaluate', config, workdir) == 0
+  assert scores('val.2')['input'] == 'resize' and scores('val.1') == native
+  assert scores('val')['checkpoint'].startswith('latest checkpoint')
+  assert sorted(os.listdir(eval_dir)) == ['val', 'val.1', 'val.1.json', 'val.2', 'val.2.json',
+                                          'val.json']
+
+
 def test_evaluate_names_what_it_cannot_read_or_write_and_keeps_the_old_scores(trained, tmp_path,
                                                                               capsys):
   """An empty weights/ folder (was a TypeError traceback), checkpoints without their config.json
