@@ -76,6 +76,9 @@ def config_source(run_config: dict, title: str, folder: str) -> str:
   return CONFIG_HEADER.format(title=title, folder=folder) + '\n'.join(lines) + '\n'
 
 
+PACKED_ENTRIES = {'config.py', 'results.json', 'weights'}  # What pack writes into --out.
+
+
 def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> dict:
   """Writes out/weights, out/config.py and out/results.json from the run in `workdir`."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
@@ -89,6 +92,14 @@ def pack(workdir: str, out: str, eval_split: str = 'test', title: str = '') -> d
     if kept == out or kept.startswith(out.rstrip(os.sep) + os.sep):
       raise train.RunError(f'--out={out} holds {what} ({kept}), which packing would replace; '
                            'choose a new folder such as pretrained/NAME')
+  if os.path.lexists(out):  # Only an earlier pack (or an empty folder) is replaced.
+    held = sorted(os.listdir(out)) if os.path.isdir(out) and not os.path.islink(out) else None
+    if held is None or not set(held) <= PACKED_ENTRIES or (held and 'weights' not in held):
+      what = 'is not a folder' if held is None else f'holds {", ".join(held[:3])}' + (
+          ', ...' if len(held) > 3 else '')
+      raise train.RunError(f'--out={out} {what}, not weights packed before (config.py, weights/, '
+                           'results.json), which packing would replace; choose a new folder '
+                           'such as pretrained/NAME')
   with open(os.path.join(workdir, 'config.json')) as f:
     run_config = json.load(f)
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -141,9 +152,13 @@ def _write(out, final, workdir, weights, step, run_config, eval_split, title) ->
   if os.path.exists(scores_path):
     with open(scores_path) as f:
       scores = json.load(f)
+  own = f'best checkpoint (step {step})'  # evaluate's name for the weights packed here.
   if scores and scores.get('ensemble'):  # Not these weights' figures: left out.
     print(f'{scores_path} scores an ensemble (eval.ensemble={",".join(scores["ensemble"])}): '
           'its figures are not copied into results.json')
+  elif scores and scores.get('checkpoint') != own:  # init_from's weights, or an older best.
+    print(f'{scores_path} scores {scores.get("checkpoint")}, not the packed {own}: its figures '
+          f'are not copied into results.json (run --mode=evaluate on {workdir} first)')
   elif scores:
     results.update({k: scores[k] for k in ('split', 'miou', 'pixel_accuracy', 'mean_class_accuracy',
                                            'num_images', 'checkpoint', 'input', 'flip', 'scales')

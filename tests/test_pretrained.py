@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+import shutil
 import subprocess
 import sys
 
@@ -79,16 +80,38 @@ def test_pack_leaves_out_an_ensembles_scores(packed_run, tmp_path, capsys):
   assert 'scores an ensemble' in capsys.readouterr().out
 
 
-def test_pack_replaces_a_folder_whole_and_never_the_run(packed_run, tmp_path, monkeypatch):
-  _, workdir, _, _, _ = packed_run
-  out = tmp_path / 'packed'
-  out.mkdir()
-  (out / 'old.txt').write_text('packed before')
+def test_pack_leaves_out_scores_of_other_weights(packed_run, tmp_path, capsys):
+  """An evaluate with init_from (or of an older best) wrote eval/test.json in the run: its
+  figures were packed as these weights' own."""
+  _, workdir, _, _, scores = packed_run
+  with open(os.path.join(workdir, 'eval', 'val.json'), 'w') as f:
+    json.dump(dict(scores, split='val', checkpoint='/elsewhere/weights'), f, default=float)
+  results = pretrained.pack(workdir, os.fspath(tmp_path / 'out'), 'val')
+  assert 'miou' not in results and 'iou' not in results
+  assert 'scores /elsewhere/weights, not the packed best checkpoint (step' in capsys.readouterr().out
+
+
+def test_pack_replaces_only_an_earlier_pack_and_never_the_run(packed_run, tmp_path, monkeypatch):
+  _, workdir, packed, _, _ = packed_run
   run_before = sorted(str(p) for p in Path(workdir).rglob('*'))
   for bad in (workdir, os.path.dirname(workdir)):  # The run itself, or a folder above it.
     with pytest.raises(train.RunError, match='which packing would replace'):
       pretrained.pack(workdir, bad)
   assert sorted(str(p) for p in Path(workdir).rglob('*')) == run_before
+  other = tmp_path / 'notes'  # Any other folder (a typo'd --out) was deleted whole.
+  other.mkdir()
+  (other / 'old.txt').write_text('mine')
+  (tmp_path / 'file').write_text('mine')
+  for bad, words in ((other, 'holds old.txt, not weights packed before'),
+                     (tmp_path / 'file', 'is not a folder')):
+    with pytest.raises(train.RunError, match=words):
+      pretrained.pack(workdir, os.fspath(bad))
+  assert (other / 'old.txt').read_text() == 'mine' and (tmp_path / 'file').read_text() == 'mine'
+  shutil.rmtree(other)
+  os.remove(tmp_path / 'file')
+  out = tmp_path / 'packed'
+  shutil.copytree(packed, out)  # An earlier pack: replaced.
+  (out / 'results.json').write_text('{"packed": "before"}')
 
   def full_disk(*args, **kwargs):
     raise OSError(28, 'No space left on device')
@@ -97,7 +120,7 @@ def test_pack_replaces_a_folder_whole_and_never_the_run(packed_run, tmp_path, mo
     m.setattr(pretrained, 'config_source', full_disk)  # After the weights are written.
     with pytest.raises(OSError, match='No space left'):
       pretrained.pack(workdir, os.fspath(out))
-  assert sorted(os.listdir(out)) == ['old.txt']
+  assert (out / 'results.json').read_text() == '{"packed": "before"}'
   assert sorted(os.listdir(tmp_path)) == ['packed']  # No temporary folder left behind.
   pretrained.pack(workdir, os.fspath(out))
   assert sorted(os.listdir(out)) == ['config.py', 'results.json', 'weights']
