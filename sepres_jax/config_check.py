@@ -33,8 +33,12 @@ def check_keys(config) -> None:
   from configs import default  # pylint: disable=g-import-not-at-top
   known = set(flatten(default.get_config().to_dict()))
   known_sections = {k.rsplit('.', 1)[0] for k in known if '.' in k}
-  unknown = sorted(k for k in flatten(config.to_dict())
-                   if k not in known and k not in known_sections)
+  flat = flatten(config.to_dict())
+  unknown = sorted(k for k in flat if k not in known and k not in known_sections)
+  not_sections = sorted(k for k in flat if k in known_sections)  # `config.model = None`, say.
+  if not_sections:
+    raise ConfigError(f'config.{not_sections[0]} must be a section of fields (as in '
+                      f'configs/default.py), got {flat[not_sections[0]]!r}')
   if unknown:
     raise ConfigError(f'config.{unknown[0]} is not a field of configs/default.py (a typo?)'
                       + (f'; also {", ".join(unknown[1:4])}' if len(unknown) > 1 else ''))
@@ -86,6 +90,8 @@ def check(mode: str, config) -> None:
       raise ConfigError(f'config.{key} must be one of {", ".join(map(repr, allowed))}, got '
                         f'{value!r}')
   _model(config)
+  _ranges(config)
+  _choices(config)
   augmentation = _get(config, 'data.augment')
   if augmentation is not None:  # Else checked only once the training data is built.
     from sepres_jax import augment  # pylint: disable=g-import-not-at-top
@@ -93,6 +99,67 @@ def check(mode: str, config) -> None:
       augment.check(augmentation)
     except augment.DataError as e:
       raise ConfigError(str(e)) from None
+
+
+# Numbers a run reads deep inside (optimiser, loss, BatchNorm): out of range, training went on
+# with them (a negative rate is gradient ascent) or failed after an epoch without naming them.
+RANGES = (
+    ('learning_rate', lambda v: v > 0, 'a number > 0'),
+    ('rmsprop_decay', lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+    ('rmsprop_eps', lambda v: v >= 0, 'a number >= 0'),
+    ('weight_decay', lambda v: v >= 0, 'a number >= 0'),
+    ('label_smoothing', lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+    ('lovasz_weight', lambda v: v >= 0, 'a number >= 0'),
+    ('ema_decay', lambda v: 0 <= v < 1, 'a number in [0, 1) (0: off)'),
+    ('end_factor', lambda v: v >= 0, 'a number >= 0'),
+    ('poly_power', lambda v: v > 0, 'a number > 0'),
+    ('distill.weight', lambda v: v >= 0, 'a number >= 0 (0: off)'),
+    ('model.bn_momentum', lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
+    ('model.bn_epsilon', lambda v: v > 0, 'a number > 0'),
+)
+NON_NEGATIVE_INTS = ('data.num_workers', 'data.prefetch', 'data.cache_decoded_mb',
+                     'eval.num_panels', 'visualize.num_images', 'visualize.num_tensorboard_images')
+# Fields with a fixed set of values, read only once the run has loaded its data (or later).
+CHOICES = (
+    ('parallelism', ('jit', 'pmap')),
+    ('schedule', ('constant', 'cosine', 'polynomial')),
+    ('data.name', ('camvid', 'folder', 'synthetic')),
+    ('data.split', ('official', 'random85')),
+    ('data.folder.encoding', ('ids', 'colors')),
+    ('data.folder.splits', ('folders', 'lists', 'random')),
+    ('model.impl', ('auto', 'xla', 'fast_cpu', 'native_cpu')),
+    ('model.large_conv', ('auto', 'rows', 'dft')),
+    ('visualize.what', ('all', 'data', 'curves')),
+)
+
+
+def _ranges(config) -> None:
+  for key, ok, what in RANGES:
+    _number(config, key, ok, what)
+  for key in NON_NEGATIVE_INTS:
+    _positive_int(config, key, zero_ok=True)
+  _positive_int(config, 'data.num_threads')
+  split_seed = _get(config, 'data.split_seed')
+  if split_seed is not None and (not _is_int(split_seed) or not 0 <= split_seed < 2**32):
+    raise ConfigError(f'config.data.split_seed must be an integer in 0..{2**32 - 1}, got '
+                      f'{split_seed!r}')
+
+
+def _choices(config) -> None:
+  for key, allowed in CHOICES:
+    value = _get(config, key)
+    if value is not None and value not in allowed:
+      raise ConfigError(f'config.{key} must be one of {", ".join(map(repr, allowed))}, got '
+                        f'{value!r}')
+  weights = _get(config, 'data.class_weights')
+  if weights and weights not in ('median_frequency', 'inverse_log'):
+    try:
+      values = [float(v) for v in str(weights).split(',')]
+    except ValueError:
+      values = None
+    if not values or not all(0 <= v < float('inf') for v in values):
+      raise ConfigError("config.data.class_weights must be '', 'median_frequency', 'inverse_log' "
+                        f'or comma-separated numbers >= 0 (one a class), got {weights!r}')
 
 
 def _get(config, key: str):

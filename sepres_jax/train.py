@@ -737,8 +737,9 @@ def _train_and_evaluate(config, workdir, stop: guards.StopRequest) -> dict:
     t_record = now
     if not np.isfinite(record['val_loss']):
       checkpoints.wait(manager)
-      raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); the last '
-                     f'good checkpoint in {workdir} is intact')
+      kept = (f'no checkpoint was saved in {workdir}' if last_saved is None else
+              f'nothing after step {last_saved} was saved, the checkpoints in {workdir} are intact')
+      raise RunError(f'non-finite validation loss after epoch {epoch} (step {step}); {kept}')
     record['best'] = _is_best(history, config.best_metric, record[config.best_metric])
     lr_cut, early_stop = rules.update(record)
     record['lr_cut'] = lr_cut

@@ -76,6 +76,30 @@ def test_every_shipped_config_passes(name):
     ('data.augment.scale', (2.0, 1.0), '0 < low <= high'),
     ('data.augment.jitter', 1.0, 'in [0, 1), got 1.0'),
     ('data.augment.blur', 2.0, 'probability in [0, 1]'),
+    # Trained on (a negative rate is gradient ascent, saved as "best"), or failed after an epoch
+    # as a non-finite loss naming no key.
+    ('learning_rate', -1.0, 'a number > 0, got -1.0'),
+    ('end_factor', -5.0, 'a number >= 0'),
+    ('lovasz_weight', -1.0, 'a number >= 0'),
+    ('label_smoothing', 2.0, 'in [0, 1)'),
+    ('weight_decay', -1.0, 'a number >= 0'),
+    ('rmsprop_decay', 2.0, 'in [0, 1)'),
+    ('rmsprop_eps', -1.0, 'a number >= 0'),
+    ('model.bn_momentum', 2.0, 'in [0, 1]'),
+    ('model.bn_epsilon', -1.0, 'a number > 0'),
+    ('data.prefetch', -1, 'non-negative integer'),
+    ('eval.num_panels', -1, 'non-negative integer'),
+    ('data.split_seed', -1, 'integer in 0..4294967295'),  # A numpy traceback on real data.
+    # Refused only once the data was loaded (or a distillation teacher had predicted it).
+    ('parallelism', 'pmpa', "'jit', 'pmap', got 'pmpa'"),
+    ('schedule', 'cos', "'constant', 'cosine', 'polynomial', got 'cos'"),
+    ('data.name', 'camvd', "got 'camvd'"),
+    ('data.split', 'random', "'official', 'random85'"),
+    ('model.impl', 'native', "'native_cpu', got 'native'"),
+    ('model.large_conv', 'fft', "got 'fft'"),
+    ('visualize.what', 'pictures', "got 'pictures'"),
+    ('data.class_weights', 'median', "'median_frequency', 'inverse_log' or comma-separated"),
+    ('data.class_weights', '1,-2', 'numbers >= 0'),
 ])
 def test_bad_value_names_its_key(key, value, words):
   config = _config()
@@ -154,6 +178,14 @@ def test_config_file_that_does_not_load_is_one_line(tmp_path, text, words, flag)
   err = one_error_line(_main(tmp_path, f'--config={path}', *flag))
   assert str(path) in err and words in err, err
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_section_replaced_by_a_value_is_one_line(tmp_path):
+  path = tmp_path / 'my_config.py'
+  path.write_text('from configs import test\n\ndef get_config():\n  c = test.get_config()\n'
+                  '  c.model = None\n  return c\n')
+  err = one_error_line(_main(tmp_path, f'--config={path}'))
+  assert err == 'error: config.model must be a section of fields (as in configs/default.py), got None'
 
 
 def test_bad_value_stops_before_any_work(tmp_path):

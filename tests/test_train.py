@@ -383,3 +383,17 @@ def test_fewer_training_images_than_a_batch_fail_before_the_run_folder(tiny_conf
   with pytest.raises(DataError, match=r'3 training examples, fewer than one batch'):
     train.train_and_evaluate(tiny_config, str(workdir))
   assert not workdir.exists()  # Before: workdir/checkpoints was made, and the model compiled.
+
+
+def test_non_finite_validation_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+  """It said 'the last good checkpoint is intact' where none had been saved."""
+  scored = train.evaluate_split
+
+  def nan_loss(*args, **kwargs):
+    return dict(scored(*args, **kwargs), loss=float('nan'))
+
+  monkeypatch.setattr(train, 'evaluate_split', nan_loss)
+  with pytest.raises(train.RunError, match='non-finite validation loss after epoch 1') as e:
+    train_tiny(tmp_path, visualize__num_tensorboard_images=0)
+  assert 'no checkpoint was saved in' in str(e.value) and 'intact' not in str(e.value)
+  assert not list((tmp_path / 'run' / 'checkpoints').glob('[0-9]*'))
