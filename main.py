@@ -61,7 +61,9 @@ def main(argv):
   from sepres_jax import cli  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  return cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, verbose=FLAGS.verbose)
+  # `--workdir=~/runs/x`: bash leaves a ~ after = as it is; every mode reads the same folder.
+  workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else FLAGS.workdir
+  return cli.run(FLAGS.mode, FLAGS.config, workdir, verbose=FLAGS.verbose)
 
 
 def _initialize_distributed():
@@ -88,14 +90,18 @@ def _initialize_distributed():
   address = FLAGS.coordinator_address or env('JAX_COORDINATOR_ADDRESS')
   num = number('num_processes', 'JAX_NUM_PROCESSES')
   pid = number('process_id', 'JAX_PROCESS_ID')
-  if not (address or num is not None or FLAGS.distributed):
-    return
-  if num is not None and num == 1 and not address:
-    return
   if num is not None and num < 1:
     sys.exit(f'error: --num_processes={num}: at least 1')
   if num is not None and pid is not None and not 0 <= pid < num:
     sys.exit(f'error: --process_id={pid}: must be 0..{num - 1} with --num_processes={num}')
+  if pid is not None and pid != 0 and num is None and not (address or FLAGS.distributed):
+    # Alone it ran as process 0 of 1: every host of a forgotten --num_processes trained alone.
+    sys.exit(f'error: --process_id={pid} needs --num_processes and --coordinator_address (the '
+             'other processes); alone it would run as the only process')
+  if not (address or num is not None or FLAGS.distributed):
+    return
+  if num is not None and num == 1 and not address:
+    return
   try:
     jax.distributed.initialize(address, num, pid)
   except (ValueError, RuntimeError) as e:  # jax's checks: no coordinator, no cluster detected.

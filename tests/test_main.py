@@ -70,6 +70,9 @@ def test_stray_argument_is_one_line(tmp_path):
     (['--num_processes=2', '--process_id=3'], {}, '--process_id=3: must be 0..1'),
     (['--num_processes=2', '--process_id=0'], {}, 'the distributed runtime cannot start'),
     ([], {'JAX_NUM_PROCESSES': 'x'}, "$JAX_NUM_PROCESSES='x' is not a whole number"),
+    # Alone, each ran as process 0 of 1 (every host of a forgotten --num_processes alone).
+    (['--process_id=7'], {}, '--process_id=7 needs --num_processes and --coordinator_address'),
+    ([], {'JAX_PROCESS_ID': '-3'}, '--process_id=-3 needs --num_processes'),
 ])
 def test_bad_workdir_and_process_flags_are_one_line(tmp_path, args, env, words):
   """Each was a jax ValueError traceback (or, the empty workdir, no error at all)."""
@@ -123,6 +126,19 @@ def test_missing_data_folder_is_one_line(tmp_path):
   assert len(err) == 1 and 'nowhere' in err[0] and 'Traceback' not in out.stderr
   assert not (tmp_path / 'run' / 'checkpoints').exists() or not os.listdir(
       tmp_path / 'run' / 'checkpoints')
+
+
+def test_a_workdir_under_home_is_the_same_folder_in_every_mode(tmp_path):
+  """`--workdir=~/x` (bash leaves a ~ after = alone): train expanded it, evaluate and predict
+  looked for ./~/x."""
+  home = tmp_path / 'home'
+  home.mkdir()
+  cmd = [sys.executable, str(ROOT / 'main.py'), f'--config={ROOT / "configs" / "test.py"}',
+         '--mode=evaluate', '--workdir=~/runs/x', f'--config.data.cache_dir={tmp_path / "cache"}']
+  out = subprocess.run(cmd, cwd=tmp_path, env=run_env(HOME=str(home)), capture_output=True,
+                       text=True, timeout=300)
+  assert f'no checkpoint in {home}/runs/x/checkpoints' in one_error_line(out)
+  assert not (tmp_path / '~').exists()
 
 
 def test_evaluate_without_checkpoint_is_one_line(tmp_path):
