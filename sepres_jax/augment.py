@@ -46,6 +46,10 @@ def scale_and_crop(rgb, label, rng, size, scale_range, crop: bool, soft=None):
   Without `crop` the image is squashed to `size` (the plain resize); the scale then has no effect.
   `soft` (per-pixel class probabilities [H, W, K], distillation's targets) is resized bilinearly
   and cropped with the label; returns (rgb, label, soft), soft None when not given.
+
+  The padding is black (-1 once normalised) while evaluation and predict pad with 0 (mid grey).
+  Measured on val with the shipped weights (trained this way): 67.28 mIoU with grey padding at
+  evaluation, 67.18 with black, so evaluation keeps grey; the recipes' figures were trained so.
   """
   h, w = size
   if not crop:
