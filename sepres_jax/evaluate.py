@@ -320,7 +320,8 @@ def evaluate(config, workdir: str) -> dict:
   scores = metrics.scores_from_confusion(cm, names, scored)
   scores['loss'] = loss_sum / max(weight, 1.0)
   scores.update({'split': split, 'num_images': len(sources[split]), 'checkpoint': origin,
-                 'input': config.eval.input, 'flip': bool(config.eval.flip),
+                 'input': config.eval.input, 'dtype': str(config.dtype),
+                 'flip': bool(config.eval.flip),
                  'scales': [float(s) for s in config.eval.scales],
                  'ensemble': ensemble_paths(config),
                  'confusion_matrix': cm.tolist(), 'class_names': names})
@@ -348,13 +349,14 @@ def evaluate(config, workdir: str) -> dict:
   return scores
 
 
-KEPT_FIELDS = ('checkpoint', 'input')  # Scores of other weights or input: kept, not replaced.
+# Scores of other weights, input or activation dtype: kept, not replaced.
+KEPT_FIELDS = ('checkpoint', 'input', 'dtype')
 
 
 def _keep_earlier(out_dir: str, name: str, scores: dict) -> Optional[str]:
   """Moves eval/<name>.json and eval/<name>/ to <name>.<k>.json and <name>.<k>/ (the first free
-  k) when they hold scores of other weights (`checkpoint`: another checkpoint, step or init_from)
-  or another `input` (resize/native), so that comparing them keeps both; the same evaluation
+  k) when they hold scores of other weights (`checkpoint`: another checkpoint, step or init_from),
+  another `input` (resize/native) or `dtype`, so that comparing them keeps both; the same evaluation
   again replaces its own. Returns the new name, or None when nothing was moved."""
   path = os.path.join(out_dir, f'{name}.json')
   try:
@@ -362,7 +364,8 @@ def _keep_earlier(out_dir: str, name: str, scores: dict) -> Optional[str]:
       earlier = json.load(f)
   except (OSError, ValueError):  # None yet, or unreadable: replaced as before.
     return None
-  if not isinstance(earlier, dict) or all(earlier.get(k) == scores[k] for k in KEPT_FIELDS):
+  if not isinstance(earlier, dict) or all(earlier.get(k, scores[k]) == scores[k]
+                                          for k in KEPT_FIELDS):  # Older files lack 'dtype'.
     return None
   k = 1
   while any(os.path.exists(os.path.join(out_dir, f'{name}.{k}{ext}')) for ext in ('.json', '')):
@@ -371,8 +374,8 @@ def _keep_earlier(out_dir: str, name: str, scores: dict) -> Optional[str]:
   if os.path.isdir(os.path.join(out_dir, name)):
     os.replace(os.path.join(out_dir, name), os.path.join(out_dir, kept))
   os.replace(path, os.path.join(out_dir, f'{kept}.json'))
-  print(f'kept the earlier scores ({", ".join(f"{f} {earlier.get(f)}" for f in KEPT_FIELDS)}) '
-        f'as {os.path.join(out_dir, kept)}.json')
+  what = ', '.join(f'{f} {earlier[f]}' for f in KEPT_FIELDS if f in earlier)
+  print(f'kept the earlier scores ({what}) as {os.path.join(out_dir, kept)}.json')
   return kept
 
 

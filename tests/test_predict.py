@@ -220,8 +220,11 @@ def test_evaluate_keeps_earlier_scores_of_other_input_or_weights(trained, tmp_pa
   assert cli.run('evaluate', config, workdir) == 0
   assert scores('val.2')['input'] == 'resize' and scores('val.1') == native
   assert scores('val')['checkpoint'].startswith('latest checkpoint')
+  config.dtype = 'bfloat16'
+  assert cli.run('evaluate', config, workdir) == 0
+  assert scores('val.3')['dtype'] == 'float32' and scores('val')['dtype'] == 'bfloat16'
   assert sorted(os.listdir(eval_dir)) == ['val', 'val.1', 'val.1.json', 'val.2', 'val.2.json',
-                                          'val.json']
+                                          'val.3', 'val.3.json', 'val.json']
 
 
 def test_evaluate_names_what_it_cannot_read_or_write_and_keeps_the_old_scores(trained, tmp_path,
