@@ -53,9 +53,12 @@ class Model:
     with open(os.path.join(folder, MODEL_FILE), 'rb') as f:
       self.exported = jax.export.deserialize(bytearray(f.read()))
     self.platforms = tuple(self.exported.platforms)
-    if jax.default_backend() not in self.platforms:
+    # jax.export names platforms 'cpu', 'cuda', 'rocm', 'tpu'; jax.default_backend() says 'gpu'
+    # on NVIDIA and AMD cards, so it never matched 'cuda' and a GPU refused every export.
+    here = jax.export.default_export_platform()
+    if here not in self.platforms:
       raise ValueError(f'{folder} was exported for {", ".join(self.platforms)}, not for this '
-                       f'machine\'s {jax.default_backend()}')
+                       f'machine\'s {here}')
     with np.load(os.path.join(folder, WEIGHTS_FILE)) as weights:
       self._weights = jax.device_put([weights[name] for name in meta['weights']])
     self.class_names = tuple(meta['class_names'])

@@ -247,3 +247,17 @@ def test_a_killed_exports_temporary_folder_is_removed_by_the_next(exports, tmp_p
   model = models.create_model(config, train.num_outputs(config))
   export.write(config, model, _weights_tree(exports['exports']['native']), 'w', str(out))
   assert sorted(os.listdir(out)) == ['meta.json', 'model.jax', 'weights.npz']
+
+
+def test_the_platform_check_uses_export_names(exports, monkeypatch):
+  """On an NVIDIA GPU jax.default_backend() is 'gpu' while exports list 'cuda': every export was
+  refused there. The check now asks jax.export for this machine's platform name."""
+  import jax  # pylint: disable=g-import-not-at-top
+  folder = exports['exports']['native']
+  assert 'cuda' in exported.load(folder).platforms
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(jax.export, 'default_export_platform', lambda: 'cuda')
+  exported.load(folder)  # Loads: 'cuda' is among the exported platforms.
+  monkeypatch.setattr(jax.export, 'default_export_platform', lambda: 'tpu')
+  with pytest.raises(ValueError, match="exported for cpu, cuda, not for this machine's tpu"):
+    exported.load(folder)
