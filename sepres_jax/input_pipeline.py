@@ -121,16 +121,30 @@ def folder_fingerprint(folder, exclude=None):
 
   `exclude` (the data cache, when a user puts it inside the data folder) is left out, or the
   cache's own files would change the fingerprint at every run.
+
+  Linked folders are followed (a data folder whose images/ links elsewhere: its files were left
+  out, so edits there reused the old build), each real folder once (no loop on a link cycle); a
+  dangling link counts as itself. Names are hashed as bytes (any name, UTF-8 or not).
   """
   folder = Path(folder).resolve()
   exclude = Path(exclude).resolve() if exclude is not None else None
   h = hashlib.sha256(f'{camvid.CamVid.VERSION}\0{camvid.RECORDS_VERSION}\0{folder}\0'.encode())
-  for root, dirs, files in os.walk(folder):
+  seen = set()
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    st = os.stat(root)
+    if (st.st_dev, st.st_ino) in seen:  # A link back to a folder already walked.
+      dirs[:] = []
+      continue
+    seen.add((st.st_dev, st.st_ino))
     dirs[:] = sorted(d for d in dirs if exclude is None or (Path(root) / d).resolve() != exclude)
     for name in sorted(files):
       path = Path(root) / name
-      st = path.stat()
-      h.update(f'{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+      try:
+        st = path.stat()
+      except FileNotFoundError:  # A dangling link: its own entry, not an error here.
+        st = path.lstat()
+      h.update(os.fsencode(path.relative_to(folder)) +
+               f'\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   return h.hexdigest()[:16]
 
 
@@ -200,6 +214,10 @@ def _build_dataset(data_config):
   if data_config.name == 'folder':
     spec = folder_data.spec_of(data_config)  # Checks the classes before touching the folder.
   folder = _data_folder(data_config, cache_dir)
+  if folder is not None and Path(folder).resolve() == cache_dir.resolve():
+    # Its own builds would change the folder's fingerprint: a new full copy at every run.
+    raise DataError(f'config.data.cache_dir={data_config.cache_dir} is the data folder itself; '
+                    'give the cache its own folder (or a sub-folder of the data, e.g. DATA/cache)')
   if folder is None:
     builder = camvid.CamVid(data_dir=os.fspath(cache_dir / 'tfds' / 'download'),
                             file_format='array_record')

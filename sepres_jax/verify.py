@@ -125,7 +125,9 @@ def _pairs_of_split(image_dir: Path, label_dir: Path):
   images, labels = {}, {}
   for d, files in ((image_dir, images), (label_dir, labels)):
     for p in _image_files(d):
-      if p.stem in files:
+      if camvid.name_problem(p):
+        problems.append(camvid.name_problem(p))
+      elif p.stem in files:
         problems.append(f'{p}: two files with the same name stem as {files[p.stem].name}')
       else:
         files[p.stem] = p

@@ -341,3 +341,79 @@ def test_built_records_follow_the_palette(tmp_path, shapes):
   config.data.folder.ignore_color = (1, 1, 1)  # Another palette: another build, here an error.
   with pytest.raises(DataError, match='label colours not in the palette: \\(255, 255, 255\\)'):
     input_pipeline.load_sources(config.data)
+
+
+# --- awkward folders (each was a stale build, a traceback or silently corrupt labels) -----------
+
+
+def test_fingerprint_follows_linked_folders_and_survives_cycles_and_dangling_links(tmp_path):
+  real = tmp_path / 'real'
+  (real / 'train').mkdir(parents=True)
+  (real / 'train' / 'a.png').write_bytes(b'x')
+  data = tmp_path / 'data'
+  data.mkdir()
+  os.symlink(real, data / 'images')
+  before = input_pipeline.folder_fingerprint(data)
+  (real / 'train' / 'a.png').write_bytes(b'xy')  # An edit behind the link: a new build.
+  changed = input_pipeline.folder_fingerprint(data)
+  assert changed != before
+  os.symlink(data, real / 'train' / 'loop')  # A link back up: walked once, no endless loop.
+  os.symlink(tmp_path / 'nowhere', data / 'notes.txt')  # Dangling: counted, not an error.
+  assert input_pipeline.folder_fingerprint(data) not in (before, changed)
+  bad = os.fsdecode(b'b\xff.png')  # A name that is not UTF-8.
+  (real / 'train' / bad).write_bytes(b'z')
+  assert len(input_pipeline.folder_fingerprint(data)) == 16
+
+
+def test_a_cache_that_is_the_data_folder_is_refused(tmp_path, shapes):
+  """Its own builds changed the folder's fingerprint: a new full copy at every run."""
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'ids', 'folders', counts=(4, 2, 2))
+  config = _config(tmp_path, root)
+  config.data.cache_dir = os.fspath(root)
+  with pytest.raises(DataError, match='is the data folder itself'):
+    input_pipeline.load_sources(config.data)
+  assert not (root / 'tfds').exists()
+
+
+def test_jpeg_labels_and_names_that_are_not_utf8_are_named(tmp_path):
+  from sepres_jax import verify  # pylint: disable=g-import-not-at-top
+  from sepres_jax.data import camvid  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'ids', 'folders', counts=(4, 2, 2))
+  spec = folder.spec_of(_config(tmp_path, root).data)
+  label = next((root / 'labels' / 'val').glob('*.png'))
+  Image.open(label).save(label.with_suffix('.jpg'), quality=90)  # Passed every check before.
+  label.unlink()
+  jpeg = label.with_suffix('.jpg')
+  with pytest.raises(DataError, match=f'{jpeg}: a JPEG label map'):
+    folder.decode_label(jpeg, spec)
+  with pytest.raises(DataError, match='a JPEG label map'):
+    camvid.load_label(jpeg)
+  image = next((root / 'images' / 'train').iterdir())
+  bad = image.with_name(os.fsdecode(b'b\xff') + image.suffix)
+  image.rename(bad)
+  next((root / 'labels' / 'train').glob(image.stem + '.*')).rename(
+      root / 'labels' / 'train' / (bad.stem + '.png'))
+  with pytest.raises(DataError, match='the file name is not valid UTF-8'):
+    folder.split_pairs(root, spec)
+  problems = verify.scan(_config(tmp_path, root).data).problems
+  assert any('the file name is not valid UTF-8' in p for p in problems), problems
+  assert any(f'{jpeg}: a JPEG label map' in p for p in problems), problems
+
+
+@pytest.mark.parametrize('encoding, words', [
+    ('utf-8-sig', None),  # Notepad's UTF-8 with a byte-order mark: read as without.
+    ('utf-16', 'val.txt: not UTF-8 text'),  # Notepad's "Unicode": was a traceback.
+])
+def test_split_lists_in_a_windows_editors_encodings(tmp_path, encoding, words):
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'ids', 'lists', counts=(4, 2, 2))
+  names = (root / 'val.txt').read_text()
+  (root / 'val.txt').write_text(names, encoding=encoding)
+  spec = folder.spec_of(_config(tmp_path, root, 'ids', 'lists').data)
+  if words is None:
+    assert len(folder.split_pairs(root, spec)['val']) == 2
+  else:
+    with pytest.raises(DataError, match=words):
+      folder.split_pairs(root, spec)

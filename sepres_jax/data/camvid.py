@@ -79,6 +79,8 @@ def list_pairs(image_dir, label_dir):
     files = {}
     for p in sorted(d.iterdir()):
       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        if name_problem(p):
+          raise DataError(name_problem(p))
         if p.stem in files:
           raise DataError(f'{p}: two files with the same name stem in {d}')
         files[p.stem] = p
@@ -111,7 +113,19 @@ def _open(path, what):
     img.load()
   except Exception as e:  # PIL raises several types for truncated / zero-byte / non-image files.
     raise DataError(f'{path}: cannot decode {what} ({type(e).__name__}: {e})'.replace('\n', ' '))
+  if what == 'label' and img.format == 'JPEG':  # Ids within range pass every other check.
+    raise DataError(f'{path}: a JPEG label map (its lossy compression changes class ids near '
+                    'edges); save label maps as PNG')
   return img
+
+
+def name_problem(path) -> str:
+  """'' or why a data file's name cannot be stored (the records keep names as UTF-8 text)."""
+  try:
+    Path(path).name.encode('utf-8')
+  except UnicodeEncodeError:
+    return f'{path}: the file name is not valid UTF-8; rename it'
+  return ''
 
 
 def single_channel(arr, path, colour_error: str):

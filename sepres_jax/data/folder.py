@@ -235,7 +235,14 @@ def describe_unknown(path, unknown, spec) -> str:
 
 def _read_list(list_file, pairs_by_stem, image_dir):
   chosen, seen = [], {}
-  for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+  try:  # A Windows editor's BOM too, as the classes file.
+    text = Path(list_file).read_text(encoding='utf-8-sig')
+  except UnicodeDecodeError as e:
+    raise DataError(f'{list_file}: not UTF-8 text ({e.reason} at byte {e.start}); save the '
+                    'list as UTF-8') from None
+  except OSError as e:
+    raise DataError(f'{list_file}: cannot read the list ({e.strerror or e})') from None
+  for n, line in enumerate(text.splitlines(), 1):
     entry = line.strip()
     if not entry or entry.startswith('#'):
       continue
