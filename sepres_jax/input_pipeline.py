@@ -247,12 +247,34 @@ def random85_split(num_examples, seed):
   return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 
 
+class _Opened:
+  """A built dataset whose splits are opened and read at both ends before use: a shard damaged
+  after its build (truncated or deleted by a disk cleaner or a partial copy) is a DataError
+  naming the folder to delete, not a grain traceback in the middle of a run."""
+
+  def __init__(self, builder):
+    self.builder = builder
+    self.info = builder.info
+
+  def as_data_source(self, split):
+    try:
+      source = self.builder.as_data_source(split=split)
+      if len(source):
+        source[0], source[len(source) - 1]  # pylint: disable=pointless-statement
+    except (RuntimeError, OSError, ValueError) as e:
+      lines = str(e).strip().splitlines() or [type(e).__name__]
+      raise DataError(f'{self.builder.data_dir}: the built data set is damaged ({split}: '
+                      f'{lines[-1][:200]}); delete this folder and the next run rebuilds it'
+                      ) from None
+    return source
+
+
 def load_sources(data_config):
   """Returns ({'train', 'val', 'test'} -> random-access source, DatasetInfo).
 
   Each source element is a dict: image uint8 [H, W, 3], label uint8 [H, W, 1], file_name bytes.
   """
-  builder = build_dataset(data_config)
+  builder = _Opened(build_dataset(data_config))
   available = set(builder.info.splits.keys())
   if data_config.name == 'folder':  # Its splits were made when it was built (data.folder.splits).
     sources = {s: builder.as_data_source(split=s) for s in ('train', 'val', 'test') if s in available}

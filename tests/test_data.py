@@ -100,6 +100,20 @@ def test_synthetic_is_deterministic_and_well_formed(tmp_path, scenes):
 # --- building -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+def test_a_damaged_build_is_one_line_naming_the_folder(tmp_path, scenes, damage):
+  """A shard truncated or deleted after its build was a grain RuntimeError traceback."""
+  config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(scenes))
+  input_pipeline.load_sources(config)
+  shard = next((tmp_path / 'cache' / 'tfds').rglob('*-val.array_record-*'))
+  if damage == 'truncate':
+    os.truncate(shard, 100)
+  else:
+    shard.unlink()
+  with pytest.raises(DataError, match='the built data set is damaged \\(val: .*delete this folder'):
+    input_pipeline.load_sources(config)
+
+
 def test_segnet_layout(tmp_path, scenes):
   before = tree_digest(scenes)
   config = data_config(tmp_path / 'cache', name='camvid', manual_dir=os.fspath(scenes))
