@@ -127,8 +127,6 @@ CHOICES = (
     ('data.split', ('official', 'random85')),
     ('data.folder.encoding', ('ids', 'colors')),
     ('data.folder.splits', ('folders', 'lists', 'random')),
-    ('model.impl', ('auto', 'xla', 'fast_cpu', 'native_cpu')),
-    ('model.large_conv', ('auto', 'rows', 'dft')),
     ('visualize.what', ('all', 'data', 'curves')),
 )
 
@@ -146,7 +144,9 @@ def _ranges(config) -> None:
 
 
 def _choices(config) -> None:
-  for key, allowed in CHOICES:
+  from sepres_jax import ops  # pylint: disable=g-import-not-at-top  # jax: only when checking.
+  for key, allowed in (*CHOICES, ('model.impl', ('auto', *ops.IMPLS)),
+                       ('model.large_conv', ops.LARGE_CONV_FORMS)):
     value = _get(config, key)
     if value is not None and value not in allowed:
       raise ConfigError(f'config.{key} must be one of {", ".join(map(repr, allowed))}, got '

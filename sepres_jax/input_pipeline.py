@@ -247,26 +247,20 @@ def random85_split(num_examples, seed):
   return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 
 
-class _Opened:
-  """A built dataset whose splits are opened and read at both ends before use: a shard damaged
+def _open_split(builder, split):
+  """builder's `split` as a random-access source, read at both ends before use: a shard damaged
   after its build (truncated or deleted by a disk cleaner or a partial copy) is a DataError
   naming the folder to delete, not a grain traceback in the middle of a run."""
-
-  def __init__(self, builder):
-    self.builder = builder
-    self.info = builder.info
-
-  def as_data_source(self, split):
-    try:
-      source = self.builder.as_data_source(split=split)
-      if len(source):
-        source[0], source[len(source) - 1]  # pylint: disable=pointless-statement
-    except (RuntimeError, OSError, ValueError) as e:
-      lines = str(e).strip().splitlines() or [type(e).__name__]
-      raise DataError(f'{self.builder.data_dir}: the built data set is damaged ({split}: '
-                      f'{lines[-1][:200]}); delete this folder and the next run rebuilds it'
-                      ) from None
-    return source
+  try:
+    source = builder.as_data_source(split=split)
+    if len(source):
+      source[0], source[len(source) - 1]  # pylint: disable=pointless-statement
+  except (RuntimeError, OSError, ValueError) as e:
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    raise DataError(f'{builder.data_dir}: the built data set is damaged ({split}: '
+                    f'{lines[-1][:200]}); delete this folder and the next run rebuilds it'
+                    ) from None
+  return source
 
 
 def load_sources(data_config):
@@ -274,21 +268,21 @@ def load_sources(data_config):
 
   Each source element is a dict: image uint8 [H, W, 3], label uint8 [H, W, 1], file_name bytes.
   """
-  builder = _Opened(build_dataset(data_config))
+  builder = build_dataset(data_config)
   available = set(builder.info.splits.keys())
   if data_config.name == 'folder':  # Its splits were made when it was built (data.folder.splits).
-    sources = {s: builder.as_data_source(split=s) for s in ('train', 'val', 'test') if s in available}
+    sources = {s: _open_split(builder, s) for s in ('train', 'val', 'test') if s in available}
   elif data_config.split == 'official':
     if 'val' not in available:
       raise DataError('this CamVid folder (prepped layout) has no val split; use '
                       '--config.data.split=random85')
-    sources = {s: builder.as_data_source(split=s) for s in ('train', 'val', 'test')}
+    sources = {s: _open_split(builder, s) for s in ('train', 'val', 'test')}
   elif data_config.split == 'random85':
-    full_train = builder.as_data_source(split='train')
+    full_train = _open_split(builder, 'train')
     train_idx, val_idx = random85_split(len(full_train), data_config.split_seed)
     sources = {'train': SubsetSource(full_train, train_idx),
                'val': SubsetSource(full_train, val_idx),
-               'test': builder.as_data_source(split='test')}
+               'test': _open_split(builder, 'test')}
   else:
     raise DataError(f"data.split={data_config.split!r}: expected 'official' or 'random85'")
 

@@ -125,8 +125,9 @@ def _pairs_of_split(image_dir: Path, label_dir: Path):
   images, labels = {}, {}
   for d, files in ((image_dir, images), (label_dir, labels)):
     for p in _image_files(d):
-      if camvid.name_problem(p):
-        problems.append(camvid.name_problem(p))
+      bad_name = camvid.name_problem(p)
+      if bad_name:
+        problems.append(bad_name)
       elif p.stem in files:
         problems.append(f'{p}: two files with the same name stem as {files[p.stem].name}')
       else:

@@ -79,8 +79,9 @@ def list_pairs(image_dir, label_dir):
     files = {}
     for p in sorted(d.iterdir()):
       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-        if name_problem(p):
-          raise DataError(name_problem(p))
+        problem = name_problem(p)
+        if problem:
+          raise DataError(problem)
         if p.stem in files:
           raise DataError(f'{p}: two files with the same name stem in {d}')
         files[p.stem] = p
