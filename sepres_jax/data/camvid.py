@@ -68,8 +68,9 @@ def find_layout(root):
       'annotations_prepped_test/)')
 
 
-def list_pairs(image_dir, label_dir):
-  """Sorted (image_path, label_path) pairs, matched by file stem; unmatched files are errors."""
+def list_pairs(image_dir, label_dir, unmatched_ok=False):
+  """Sorted (image_path, label_path) pairs, matched by file stem; unmatched files are errors
+  (left out with `unmatched_ok`: split lists name the pairs, other files are not data)."""
   image_dir, label_dir = Path(image_dir), Path(label_dir)
   for d in (image_dir, label_dir):
     if not d.is_dir():
@@ -88,6 +89,8 @@ def list_pairs(image_dir, label_dir):
     return files
 
   images, labels = by_stem(image_dir), by_stem(label_dir)
+  if unmatched_ok:
+    return [(images[s], labels[s]) for s in sorted(images) if s in labels]
   for stem, path in images.items():
     if stem not in labels:
       raise DataError(f'{path}: image has no label in {label_dir}')

@@ -284,8 +284,10 @@ def split_pairs(root, spec, lister=camvid.list_pairs) -> dict:
                           f'{root / split / labels}/)')
     return out
   image_dir, label_dir = root / images, root / labels
-  pairs = lister(image_dir, label_dir)
   if spec['splits'] == 'lists':
+    # The lists name the data: an unlisted image without a label (an unlabelled video frame
+    # beside the labelled ones) is not an error; a listed one without its label is (_read_list).
+    pairs = camvid.list_pairs(image_dir, label_dir, unmatched_ok=True)
     by_stem = {p[0].stem: p for p in pairs}
     out, owner = {}, {}
     for split in SPLITS:
@@ -300,6 +302,7 @@ def split_pairs(root, spec, lister=camvid.list_pairs) -> dict:
           raise DataError(f'{list_file}: {pair[0].name} is also in {owner[pair[0].stem]}.txt')
         owner[pair[0].stem] = split
     return out
+  pairs = lister(image_dir, label_dir)
   # 'random': a seeded permutation, val and test rounded, train the rest.
   f = np.asarray(spec['fractions'], np.float64)
   f = f / f.sum()
