@@ -33,6 +33,23 @@ class Report:
   pairs: dict = dataclasses.field(default_factory=dict)  # Split -> number of pairs.
   sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (w, h).
   pixels: dict = dataclasses.field(default_factory=dict)  # Split -> int64 [K + 1], void last.
+  notes: list = dataclasses.field(default_factory=list)  # Not problems, but worth knowing.
+
+
+def nested_image_folders(root: Path) -> list[str]:
+  """Sub-folders (with images at any depth) of folders that hold images themselves: the data
+  folders are read flat, so their files are silently not data (images/train/cityB/*.png)."""
+  notes = []
+  for d, dirs, files in os.walk(root, followlinks=False):
+    if any(Path(f).suffix.lower() in camvid.IMAGE_SUFFIXES for f in files):
+      for sub in sorted(dirs):
+        n = sum(Path(f).suffix.lower() in camvid.IMAGE_SUFFIXES
+                for _, _, fs in os.walk(Path(d, sub)) for f in fs)
+        if n:
+          notes.append(f'{Path(d, sub)}: {n} image file(s) in a sub-folder of {d}, not read (the '
+                       'image and label folders are read flat)')
+      dirs[:] = []  # Their sub-folders are named above, not walked again.
+  return notes
 
 
 def _usable_root(root: Path) -> list[str]:
@@ -84,6 +101,7 @@ def scan(data_config) -> Report:
   except DataError as e:
     report.problems.append(str(e))
     return report
+  report.notes = nested_image_folders(root)
   num_classes = len(names) - 1
   if is_folder:
     def decode(path):
@@ -244,6 +262,8 @@ def verify(config) -> int:
   if report.pairs:
     print(f'{folder}:')
     print(format_report(report))
+  for line in report.notes:
+    print(f'note: {line}')
   for line in report.problems:
     print(line)
   if report.problems:

@@ -432,3 +432,21 @@ def test_split_lists_in_a_windows_editors_encodings(tmp_path, encoding, words):
   else:
     with pytest.raises(DataError, match=words):
       folder.split_pairs(root, spec)
+
+
+def test_verify_notes_image_sub_folders_it_does_not_read(tmp_path, capsys):
+  """images/train/cityB/*.png beside images/train/*.png were left out without a word."""
+  from sepres_jax import verify  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  synthetic.write_shapes_folder(root, 'ids', 'folders', counts=(4, 2, 2))
+  config = _config(tmp_path, root)
+  assert verify.scan(config.data).notes == []
+  nested = root / 'images' / 'train' / 'cityB'
+  nested.mkdir()
+  image = next((root / 'images' / 'train').glob('*.*'))
+  Image.open(image).save(nested / f'extra{image.suffix}')
+  report = verify.scan(config.data)
+  assert report.problems == [] and len(report.notes) == 1, report.notes
+  assert report.notes[0].startswith(f'{nested}: 1 image file(s) in a sub-folder')
+  assert verify.verify(config) == 0
+  assert f'note: {nested}: 1 image file(s)' in capsys.readouterr().out
