@@ -63,14 +63,20 @@ def config_source(run_config: dict, title: str, folder: str) -> str:
   sys.path.insert(0, os.getcwd())
   from configs import default  # pylint: disable=g-import-not-at-top
   base = config_check.flatten(default.get_config().to_dict())
-  lines = []
+  lines, gone = [], []
   for key, value in sorted(config_check.flatten(run_config).items()):
-    if key in LOCAL_FIELDS or key not in base:
+    if key in LOCAL_FIELDS:
+      continue
+    if key not in base:  # A field this code no longer has (renamed or removed): said, not kept.
+      gone.append(key)
       continue
     like = base[key]
     normal = tuple(_literal_value(v) for v in value) if isinstance(value, list) else value
     if normal != like:
       lines.append(f'  config.{key} = {_literal(value, like)}')
+  if gone:
+    print(f'left out of {folder}/config.py: the run\'s fields that configs/default.py does not have '
+          f'({", ".join(gone)})')
   lines.append('  config.init_from = os.path.dirname(os.path.abspath(__file__))  # These weights.')
   lines.append('  return config')
   return CONFIG_HEADER.format(title=title, folder=folder) + '\n'.join(lines) + '\n'

@@ -80,6 +80,16 @@ def test_pack_leaves_out_an_ensembles_scores(packed_run, tmp_path, capsys):
   assert 'scores an ensemble' in capsys.readouterr().out
 
 
+def test_config_source_says_which_fields_it_leaves_out(capsys):
+  """A field of an older run that configs/default.py no longer has vanished without a word."""
+  text = pretrained.config_source({'learning_rate': 0.5, 'old_field': 3, 'model': {'gone': 1}},
+                                  'Title.', 'pretrained/x')
+  assert 'config.learning_rate = 0.5' in text and 'old_field' not in text
+  assert capsys.readouterr().out.strip() == (
+      "left out of pretrained/x/config.py: the run's fields that configs/default.py does not have "
+      '(model.gone, old_field)')
+
+
 def test_pack_leaves_out_scores_of_other_weights(packed_run, tmp_path, capsys):
   """An evaluate with init_from (or of an older best) wrote eval/test.json in the run: its
   figures were packed as these weights' own."""
