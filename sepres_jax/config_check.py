@@ -79,9 +79,7 @@ def check(mode: str, config) -> None:
       raise ConfigError(f'config.{key} must be one or more positive numbers, e.g. (1.0,) or '
                         f'(0.75,1.0,1.25), got {scales!r}')
   _number(config, 'predict.alpha', lambda v: 0 <= v <= 1, 'a number in [0, 1] (overlay opacity)')
-  seed = _get(config, 'seed')  # grain refuses others after the data and the model are built.
-  if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
-    raise ConfigError(f'config.seed must be an integer in 0..{2**32 - 1}, got {seed!r}')
+  _seed(config, 'seed')  # grain refuses others after the data and the model are built.
   for key, allowed in (('eval.input', ('resize', 'native')),
                        ('eval.checkpoint', ('best', 'latest')),
                        ('predict.resize', ('', 'resize', 'native'))):
@@ -137,10 +135,13 @@ def _ranges(config) -> None:
   for key in NON_NEGATIVE_INTS:
     _positive_int(config, key, zero_ok=True)
   _positive_int(config, 'data.num_threads')
-  split_seed = _get(config, 'data.split_seed')
-  if split_seed is not None and (not _is_int(split_seed) or not 0 <= split_seed < 2**32):
-    raise ConfigError(f'config.data.split_seed must be an integer in 0..{2**32 - 1}, got '
-                      f'{split_seed!r}')
+  _seed(config, 'data.split_seed')  # numpy refuses others once the data is loaded.
+
+
+def _seed(config, key: str) -> None:
+  value = _get(config, key)
+  if value is not None and (not _is_int(value) or not 0 <= value < 2**32):
+    raise ConfigError(f'config.{key} must be an integer in 0..{2**32 - 1}, got {value!r}')
 
 
 def _choices(config) -> None:
